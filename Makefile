@@ -1,0 +1,35 @@
+# mmdiff — the two commands: `make quickstart` and `make test`.
+# The venv is created once (pip; torch 2.14.1 / torchvision 0.29.1) and reused.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.mmdiff-installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv quickstart test test-slow test-all bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip >/dev/null
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e '.[eval,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/mmdiff quickstart --out quickstart_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --timeout 900
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow --timeout 3600
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf quickstart_out runs outputs

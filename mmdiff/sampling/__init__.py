@@ -1,0 +1,1 @@
+"""mmdiff.sampling"""
