@@ -1,0 +1,196 @@
+"""The unified model users load: vision encoder -> projector -> ONE masked-diffusion backbone.
+
+    pixels (N,3,H,W) --VisionEncoder--> (N,P,Dv) --Projector--> (N,P',D) ----+
+                                                                              | fills image slots
+    token ids (B,L) --------------------------------------embedding--> (B,L,D) --backbone--> logits (B,L,V)
+
+The vocabulary is text + VQ codebook (``mmdiff.processor``), so the same logits read and write
+text tokens and image codes.  The VQ tokenizer itself is NOT part of this module: it is a frozen,
+separately trained component stored next to the model (``<dir>/vq``) and loaded by
+``mmdiff.models.bundle``; the model only ever sees code ids.
+
+Hugging Face-native: ``MMDiffConfig``/``MMDiffForDiffusion`` register with ``AutoConfig`` /
+``AutoModel`` when ``mmdiff.models`` is imported; ``save_pretrained`` writes one safetensors file
+with backbone, projector and vision-tower weights.  The saved vision config is *portable*: it
+holds the tower's architecture (not the path it was first loaded from), so a saved model loads
+anywhere without the original vision checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+try:  # transformers >= 5
+    from transformers import PreTrainedConfig
+except ImportError:  # pragma: no cover - transformers 4.x
+    from transformers import PretrainedConfig as PreTrainedConfig
+from transformers import PreTrainedModel
+
+from mmdiff.models.backbone import MDiffConfig, MDiffModel, MDiffOutput
+from mmdiff.models.projector import Projector, ProjectorConfig
+from mmdiff.models.vision import VisionConfig, VisionEncoder
+
+__all__ = ["MMDiffConfig", "MMDiffForDiffusion", "portable_vision_config", "register_unified_auto_classes"]
+
+
+class MMDiffConfig(PreTrainedConfig):
+    """Sub-configs are plain dicts so the JSON stays readable and version-proof."""
+
+    model_type = "mmdiff"
+
+    def __init__(
+        self,
+        backbone: dict | None = None,
+        vision: dict | None = None,
+        projector: dict | None = None,
+        processor: dict | None = None,
+        special_tokens: dict | None = None,
+        text_vocab_size: int = 0,
+        codebook_size: int = 0,
+        **kwargs: Any,
+    ):
+        self.backbone = dict(backbone or {})
+        self.vision = dict(vision) if vision else None
+        self.projector = dict(projector) if projector else None
+        self.processor = dict(processor or {})
+        self.special_tokens = dict(special_tokens or {})
+        self.text_vocab_size = int(text_vocab_size)
+        self.codebook_size = int(codebook_size)
+        super().__init__(**kwargs)
+        if self.backbone and self.text_vocab_size:
+            expected = self.text_vocab_size + self.codebook_size
+            got = self.backbone.get("vocab_size")
+            if got is not None and got != expected:
+                raise ValueError(
+                    f"backbone.vocab_size={got} != text_vocab_size + codebook_size = {expected}"
+                )
+
+
+def portable_vision_config(encoder: VisionEncoder) -> dict:
+    """The tower's config with its architecture spelled out and ``path`` dropped."""
+    cfg = dataclasses.replace(encoder.config)
+    pre = encoder.preprocess
+    arch_kwargs = dict(cfg.arch_kwargs)
+    if cfg.backend == "hf":
+        arch_kwargs = {
+            k: v for k, v in encoder.model.config.to_dict().items()
+            if k not in ("transformers_version", "architectures", "model_type", "_name_or_path", "dtype", "torch_dtype")
+        }
+        cfg.arch = encoder.hf_arch or cfg.arch
+    cfg = dataclasses.replace(
+        cfg, path=None, arch_kwargs=arch_kwargs, image_size=pre.image_size, mean=list(pre.mean), std=list(pre.std)
+    )
+    return dataclasses.asdict(cfg)
+
+
+class MMDiffForDiffusion(PreTrainedModel):
+    """Backbone + optional vision tower and projector.  ``forward`` returns ``MDiffOutput``."""
+
+    config_class = MMDiffConfig
+    base_model_prefix = "mmdiff"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: MMDiffConfig, vision_encoder: VisionEncoder | None = None):
+        super().__init__(config)
+        self.backbone = MDiffModel(MDiffConfig(**config.backbone))
+        self.vision: VisionEncoder | None = None
+        self.projector: Projector | None = None
+        if vision_encoder is not None or config.vision:
+            self.vision = vision_encoder or VisionEncoder(VisionConfig(**config.vision))
+            pcfg = ProjectorConfig(**(config.projector or {}))
+            pcfg = dataclasses.replace(pcfg, vision_dim=self.vision.hidden_size,
+                                       hidden_size=self.backbone.config.hidden_size)
+            self.projector = Projector(pcfg)
+            config.vision = portable_vision_config(self.vision)
+            config.projector = dataclasses.asdict(pcfg)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:  # the parts initialise themselves
+        pass
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_image_tokens(self) -> int:
+        """Vision tokens per image after the projector (= processor's num_image_tokens)."""
+        if self.vision is None or self.projector is None:
+            return 0
+        return self.projector.config.num_output_tokens(self.vision.num_patches)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> projected features (N, P', D); a sampler may compute this once."""
+        if self.vision is None or self.projector is None:
+            raise ValueError("this model has no vision encoder; it cannot read pixel_values")
+        return self.projector(self.vision.encode_images(pixel_values))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_slots: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with vision features written into the image slots, in batch order."""
+        emb = self.backbone.get_input_embeddings()(input_ids)  # (B, L, D)
+        if image_slots is None or not bool(image_slots.any()):
+            return emb
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("image_slots are set but neither pixel_values nor image_features were given")
+            image_features = self.encode_images(pixel_values)  # (N, P', D)
+        rows = image_slots.any(-1)  # (B,)
+        n_rows, (n_img, p, d) = int(rows.sum()), image_features.shape
+        if n_rows != n_img:
+            raise ValueError(f"{n_rows} sequences have image slots but {n_img} images were given")
+        per_row = image_slots[rows].sum(-1)  # (N,)
+        if bool((per_row != p).any()):
+            raise ValueError(f"each image fills {p} slots, but rows have {per_row.tolist()} slots")
+        emb = emb.clone()
+        emb[image_slots] = image_features.reshape(-1, d).to(emb.dtype)
+        return emb
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        attention_mode: str | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        image_slots: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        **backbone_kwargs: Any,
+    ) -> MDiffOutput:
+        """``input_ids`` (B, L) -> logits (B, L, V_text + K).  Cache arguments pass to the backbone."""
+        inputs_embeds = self.embed(input_ids, image_slots, pixel_values, image_features)
+        return self.backbone(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            attention_mode=attention_mode,
+            prompt_mask=prompt_mask,
+            **backbone_kwargs,
+        )
+
+
+_REGISTERED = False
+
+
+def register_unified_auto_classes() -> None:
+    """Make ``AutoConfig``/``AutoModel`` know ``model_type="mmdiff"`` (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        AutoConfig.register("mmdiff", MMDiffConfig)
+        AutoModel.register(MMDiffConfig, MMDiffForDiffusion)
+    except ValueError:  # already registered (module reloaded)
+        pass
+    _REGISTERED = True

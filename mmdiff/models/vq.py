@@ -1,0 +1,286 @@
+"""VQ image tokenizer: one adapter around diffusers' ``VQModel``.
+
+Images in, a grid of integer codes out, and back::
+
+    tok = VQTokenizer(VQConfig())                       # or VQTokenizer.from_pretrained(dir)
+    codes = tok.encode_to_codes(images)                 # (N, 3, H, W) in [0, 1] -> (N, h, w) long
+    recon = tok.decode_codes(codes)                     # (N, h, w) -> (N, 3, H, W) in [0, 1]
+
+Conventions
+-----------
+* **Pixel range.** The adapter's public methods take and return images in **[0, 1]** (what
+  ``torchvision.transforms.ToTensor`` and the Shapes world produce).  Internally the VQModel sees
+  [-1, 1] (``x * 2 - 1``), the convention of every diffusers autoencoder, so a pretrained
+  diffusers VQ model loaded from a local directory works unchanged.
+* **Codes.** ``h = H / f`` and ``w = W / f`` with the downsample factor
+  ``f = 2 ** (len(block_out_channels) - 1)`` (each encoder block but the last halves the size).
+  Codes index rows of ``model.quantize.embedding.weight`` (K, D).
+
+How diffusers quantizes, and what we do instead
+-----------------------------------------------
+``VQModel.encode`` returns the *pre-quantisation* latents (after ``quant_conv``); quantisation
+happens inside ``VQModel.decode`` via ``model.quantize`` (``VectorQuantizer``: nearest codebook
+row by ``torch.cdist``, straight-through estimator).  ``VectorQuantizer`` is built with
+``legacy=True``, whose loss is ``mean((sg(z_q) - z)^2) + beta * mean((z_q - sg(z))^2)`` - the
+commitment and codebook terms swapped relative to the VQ-VAE paper - and its index output is a
+flat (N*h*w, 1) column unless ``sane_index_shape``.  To decode *indices*, diffusers needs
+``lookup_from_codebook=True`` in the config (``decode(indices, force_not_quantize=True,
+shape=...)``).  This adapter therefore does the lookup itself, with the same codebook tensor:
+
+* ``quantize(z)``: nearest code by squared L2 (or by cosine when ``l2_normalize`` is set, i.e.
+  both latents and codes are projected to the unit sphere - improves codebook usage);
+* ``decode_codes``: ``embedding(codes)`` -> ``post_quant_conv`` -> decoder (the body of
+  ``model.decode(z_q, force_not_quantize=True)``, independent of ``lookup_from_codebook``).
+
+The loss terms (codebook, commitment with the paper's beta) are computed by the trainer
+(``mmdiff.training.vq_trainer``), which may also replace gradient updates of the codebook with
+EMA updates and restart dead codes.  Weights are saved in diffusers format (``config.json`` +
+``diffusion_pytorch_model.safetensors``) plus ``mmdiff_vq.json`` for the adapter-only options.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["VQConfig", "VQTokenizer", "build_vq_tokenizer"]
+
+ADAPTER_CONFIG_NAME = "mmdiff_vq.json"
+
+
+@dataclass
+class VQConfig:
+    """Architecture of the VQ tokenizer (a diffusers ``VQModel``) and the adapter options.
+
+    The downsample factor is derived: ``2 ** (len(block_out_channels) - 1)``.
+    """
+
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 16
+    num_vq_embeddings: int = 128  # codebook size K
+    vq_embed_dim: int | None = 8  # code dimension D (None -> latent_channels)
+    norm_num_groups: int = 8
+    mid_block_add_attention: bool = False  # attention in the mid block (costly on CPU, unneeded at 32px)
+    l2_normalize: bool = True  # cosine codebook: latents and codes on the unit sphere
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def code_dim(self) -> int:
+        return self.vq_embed_dim if self.vq_embed_dim is not None else self.latent_channels
+
+    def grid_size(self, image_size: int | None = None) -> tuple[int, int]:
+        size = self.image_size if image_size is None else image_size
+        return size // self.downsample_factor, size // self.downsample_factor
+
+    def validate(self) -> None:
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must not be empty")
+        for c in self.block_out_channels:
+            if c <= 0 or c % self.norm_num_groups:
+                raise ValueError(
+                    f"block_out_channels {self.block_out_channels} must be positive multiples of "
+                    f"norm_num_groups={self.norm_num_groups}"
+                )
+        if self.image_size <= 0 or self.image_size % self.downsample_factor:
+            raise ValueError(
+                f"image_size={self.image_size} must be divisible by the downsample factor "
+                f"{self.downsample_factor} (= 2 ** (len(block_out_channels) - 1))"
+            )
+        if self.num_vq_embeddings < 2:
+            raise ValueError(f"num_vq_embeddings must be >= 2, got {self.num_vq_embeddings}")
+        if self.latent_channels <= 0 or self.code_dim <= 0 or self.layers_per_block <= 0:
+            raise ValueError("latent_channels, vq_embed_dim and layers_per_block must be positive")
+        if self.in_channels <= 0 or self.out_channels <= 0:
+            raise ValueError("in_channels and out_channels must be positive")
+
+    def diffusers_kwargs(self) -> dict:
+        """Keyword arguments for ``diffusers.VQModel``."""
+        n = len(self.block_out_channels)
+        return dict(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            latent_channels=self.latent_channels,
+            sample_size=self.image_size,
+            num_vq_embeddings=self.num_vq_embeddings,
+            norm_num_groups=self.norm_num_groups,
+            vq_embed_dim=self.vq_embed_dim,
+            mid_block_add_attention=self.mid_block_add_attention,
+        )
+
+
+def _config_from_diffusers(model_config, l2_normalize: bool = False) -> VQConfig:
+    """Best-effort VQConfig describing an existing diffusers VQModel (for a local dir w/o sidecar)."""
+    return VQConfig(
+        image_size=int(model_config.sample_size),
+        in_channels=int(model_config.in_channels),
+        out_channels=int(model_config.out_channels),
+        block_out_channels=list(model_config.block_out_channels),
+        layers_per_block=int(model_config.layers_per_block),
+        latent_channels=int(model_config.latent_channels),
+        num_vq_embeddings=int(model_config.num_vq_embeddings),
+        vq_embed_dim=model_config.vq_embed_dim,
+        norm_num_groups=int(model_config.norm_num_groups),
+        mid_block_add_attention=bool(model_config.mid_block_add_attention),
+        l2_normalize=l2_normalize,
+    )
+
+
+class VQTokenizer(nn.Module):
+    """Adapter: images in [0, 1] <-> integer code grids, around ``diffusers.VQModel``."""
+
+    def __init__(self, config: VQConfig | None = None, model: nn.Module | None = None):
+        super().__init__()
+        from diffusers import VQModel  # local import: diffusers is heavy
+
+        self.config = config if config is not None else VQConfig()
+        self.config.validate()
+        self.model = model if model is not None else VQModel(**self.config.diffusers_kwargs())
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def codebook_size(self) -> int:
+        return self.model.quantize.n_e
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The raw codebook (K, D) - ``model.quantize.embedding.weight``."""
+        return self.model.quantize.embedding.weight
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.model.config.block_out_channels) - 1)
+
+    def grid_size(self, image_size: int | None = None) -> tuple[int, int]:
+        """(h, w) of the code grid for a square image of side ``image_size``."""
+        size = self.config.image_size if image_size is None else image_size
+        if size % self.downsample_factor:
+            raise ValueError(f"image size {size} not divisible by {self.downsample_factor}")
+        return size // self.downsample_factor, size // self.downsample_factor
+
+    def num_tokens(self, image_size: int | None = None) -> int:
+        h, w = self.grid_size(image_size)
+        return h * w
+
+    # ------------------------------------------------------------------ building blocks
+    def normalized_codebook(self) -> torch.Tensor:
+        """Codebook as used for lookup: (K, D), unit rows when ``l2_normalize``."""
+        e = self.codebook
+        return F.normalize(e, dim=-1) if self.config.l2_normalize else e
+
+    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> pre-quantisation latents z (N, D, h, w)."""
+        x = pixel_values * 2.0 - 1.0  # [0, 1] -> [-1, 1]
+        z = self.model.encode(x).latents  # (N, D, h, w)
+        if self.config.l2_normalize:
+            z = F.normalize(z, dim=1)
+        return z
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest code for every latent vector: z (N, D, h, w) -> (z_q (N, D, h, w), codes (N, h, w)).
+
+        No straight-through here; the trainer adds it.
+        """
+        n, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (N*h*w, D)
+        e = self.normalized_codebook()  # (K, D)
+        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2 ; the ||z||^2 term is constant per row
+        dist = (e * e).sum(-1)[None, :] - 2.0 * flat @ e.t()  # (N*h*w, K)
+        codes = dist.argmin(dim=-1)  # (N*h*w,)
+        z_q = e[codes].view(n, h, w, d).permute(0, 3, 1, 2)  # (N, D, h, w)
+        return z_q, codes.view(n, h, w)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, h, w) long -> code vectors (N, D, h, w)."""
+        return self.normalized_codebook()[codes].permute(0, 3, 1, 2)
+
+    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantised latents (N, D, h, w) -> images (N, 3, H, W) in model range [-1, 1] (unclamped).
+
+        Same path as ``VQModel.decode(..., force_not_quantize=True)`` with ``lookup_from_codebook``
+        off, written out so that it does not depend on that config flag.
+        """
+        m = self.model
+        h = m.post_quant_conv(z_q)  # (N, latent_channels, h, w)
+        return m.decoder(h, z_q if m.config.norm_type == "spatial" else None)
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def encode_to_codes(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) **in [0, 1]** -> codes (N, h, w) long in [0, codebook_size)."""
+        if pixel_values.dim() != 4:
+            raise ValueError(f"expected (N, 3, H, W) images, got shape {tuple(pixel_values.shape)}")
+        _, codes = self.quantize(self.encode_latents(pixel_values))
+        return codes.long()
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (N, h, w) long -> images (N, 3, H, W) **in [0, 1]** (clamped)."""
+        if codes.dim() == 2:  # (N, h*w) flat token rows from a sequence model
+            side = int(round(codes.shape[1] ** 0.5))
+            if side * side != codes.shape[1]:
+                raise ValueError(f"cannot reshape {codes.shape[1]} codes into a square grid")
+            codes = codes.view(codes.shape[0], side, side)
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+        x = self.decode_latents(self.lookup(codes.long()))  # (N, 3, H, W) in [-1, 1]
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (N, 3, H, W) in [0, 1] through the quantiser (no gradients to codes)."""
+        return self.decode_codes(self.encode_to_codes(pixel_values))
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """diffusers format (config.json + safetensors) plus ``mmdiff_vq.json``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, l2_normalize: bool | None = None) -> "VQTokenizer":
+        """Load from a local directory written by ``save_pretrained`` (or any diffusers VQModel dir).
+
+        Without ``mmdiff_vq.json`` the adapter options default to plain L2 lookup
+        (``l2_normalize=False``), i.e. diffusers' own quantisation.
+        """
+        from diffusers import VQModel
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"VQ tokenizer directory not found: {directory}")
+        model = VQModel.from_pretrained(directory, local_files_only=True, use_safetensors=True)
+        sidecar = directory / ADAPTER_CONFIG_NAME
+        if sidecar.is_file():
+            from mmdiff.config import from_dict
+
+            config = from_dict(VQConfig, json.loads(sidecar.read_text()))
+        else:
+            config = _config_from_diffusers(model.config)
+        if l2_normalize is not None:
+            config.l2_normalize = l2_normalize
+        return cls(config, model=model)
+
+
+def build_vq_tokenizer(config: VQConfig | None = None, path: str | Path | None = None) -> VQTokenizer:
+    """A tokenizer from a local directory (``path``) or freshly initialised from ``config``."""
+    if path is not None:
+        return VQTokenizer.from_pretrained(path)
+    return VQTokenizer(config)
