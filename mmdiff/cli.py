@@ -111,6 +111,23 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(handler=_data_tokenizer)
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def _train(a: argparse.Namespace) -> dict:
+    from mmdiff.training.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(a.config, a.overrides)  # every check happens here, before any work
+    return run_recipe(recipe)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train (or resume) a model from a YAML recipe")
+    t.add_argument("--config", required=True, help="recipe YAML (see train/configs/)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x train.lr=1e-3")
+    t.set_defaults(handler=_train)
+
+
 # ----------------------------------------------------------------------------- quickstart
 
 
@@ -129,7 +146,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-_ADDERS = [_add_data, _add_quickstart]
+_ADDERS = [_add_data, _add_train, _add_quickstart]
 
 
 def build_parser() -> argparse.ArgumentParser:

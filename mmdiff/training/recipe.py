@@ -1,0 +1,318 @@
+"""A training recipe: one YAML file -> tokenizer, processor, model, data, objective, trainer.
+
+    Recipe
+      model:      named backbone size + overrides, text tokenizer dir, vision tower, projector,
+                  VQ tokenizer dir, sequence layout (answer lengths), AR initialisation
+      data:       shards and the task mixture
+      objective:  mmdiff.diffusion.ObjectiveConfig (masked diffusion, AR, AR-then-diffusion, ...)
+      train:      mmdiff.training.TrainConfig (optimiser, precision, checkpoints, staging)
+
+``run_recipe(recipe)`` builds every part from the config (all validation happens before any
+work starts), trains with the accelerate ``Trainer`` (re-running resumes), and exports the
+final weights as a self-describing model directory ``<output_dir>/model`` that
+``mmdiff.models.bundle.load_bundle`` (and ``mmdiff generate`` / ``mmdiff eval``) accept.
+
+LLaVA-style staging is plain configuration: stage 1 sets ``train.trainable: [projector]`` with
+the tower frozen; stage 2 sets ``train.init_from`` to stage 1's model directory, unfreezes the
+tower (``model.vision.freeze: false``) and gives it its own learning rate with
+``train.param_groups: {vision: 2.0e-6}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mmdiff.config import load_config
+from mmdiff.diffusion.objectives import ObjectiveConfig, build_objective
+from mmdiff.models.projector import ProjectorConfig
+from mmdiff.models.vision import VisionConfig
+from mmdiff.processor import IMAGE_GEN, TASKS, UNDERSTANDING, ProcessorConfig
+from mmdiff.text_tokenizer import SpecialTokens
+from mmdiff.training.trainer import TrainConfig
+
+__all__ = ["ModelRecipe", "DataRecipe", "Recipe", "load_recipe", "build_components", "run_recipe", "UnifiedLoss"]
+
+
+@dataclass
+class ModelRecipe:
+    size: str = "debug"  # a name of mmdiff.models.sizes.SIZES
+    backbone: dict[str, Any] = field(default_factory=dict)  # overrides of the named size
+    attention_mode: Literal["bidirectional", "prefix", "causal"] = "bidirectional"
+    tokenizer: str = ""  # text tokenizer directory (tokenizer.json)
+    special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
+    vision: VisionConfig | None = None  # None: a text/t2i-only model
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    vq: str | None = None  # trained VQ tokenizer directory; needed for t2i / inpaint
+    image_size: int = 32  # pixels fed to the VQ tokenizer
+    answer_lengths: dict[str, int] = field(default_factory=lambda: dict(ProcessorConfig().answer_lengths))
+    max_length: int = 256
+    init_from_causal_lm: str | None = None  # local LLaMA/Qwen2 directory (AR initialisation)
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if not self.tokenizer:
+            raise ValueError("tokenizer: a text tokenizer directory is required")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class DataRecipe:
+    shards: list[str] = field(default_factory=list)
+    task_weights: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    seed: int = 0
+    max_bad_fraction: float = 0.05
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise ValueError("shards: at least one shard directory or .tar is required")
+        for task, w in self.task_weights.items():
+            if task not in TASKS:
+                raise ValueError(f"task_weights: unknown task {task!r} (tasks: {', '.join(TASKS)})")
+            if w < 0:
+                raise ValueError(f"task_weights.{task} must be >= 0, got {w}")
+        if not any(w > 0 for w in self.task_weights.values()):
+            raise ValueError("task_weights: at least one task needs a positive weight")
+
+
+@dataclass
+class Recipe:
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        used = {t for t, w in self.data.task_weights.items() if w > 0}
+        if used & UNDERSTANDING and self.model.vision is None:
+            raise ValueError(f"data.task_weights uses {sorted(used & UNDERSTANDING)} but model.vision is not set")
+        if used & IMAGE_GEN and not self.model.vq:
+            raise ValueError(f"data.task_weights uses {sorted(used & IMAGE_GEN)} but model.vq is not set")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """YAML recipe + ``key=value`` overrides -> validated ``Recipe`` (errors name key and file).
+
+    ``output_dir=DIR`` is accepted as a short form of ``train.output_dir=DIR``.
+    """
+    overrides = [("train." + o if o.split("=", 1)[0].strip() == "output_dir" else o) for o in (overrides or [])]
+    recipe = load_config(Recipe, path, overrides)
+    for p in [recipe.model.tokenizer, recipe.model.vq, *recipe.data.shards]:
+        if p and not Path(p).exists():
+            raise FileNotFoundError(f"{path}: path does not exist: {p}")
+    return recipe
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+class _Identity:
+    """Picklable no-op image transform: the encode function does the real transforms."""
+
+    def __call__(self, image):
+        return image
+
+
+class ExampleEncoder:
+    """``TaskExample`` -> ``Encoded``: vision transform for input images, VQ codes for targets."""
+
+    def __init__(self, processor, vision_transform=None, vq=None, image_size: int = 32):
+        self.processor = processor
+        self.vision_transform = vision_transform
+        self.vq = vq
+        self.image_size = image_size
+        self.pad_id = processor.pad_id
+
+    def _codes(self, image) -> torch.Tensor:
+        from torchvision.transforms.functional import pil_to_tensor, resize
+
+        x = pil_to_tensor(image.convert("RGB")).float().div(255.0)  # (3, H, W) in [0, 1]
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = resize(x, [self.image_size, self.image_size], antialias=True)
+        with torch.no_grad():
+            return self.vq.encode_to_codes(x[None])[0]  # (h, w)
+
+    def __call__(self, ex) -> Any:
+        prompt = ex.prompt
+        if isinstance(prompt, list):  # conversation turns [(role, text), ...]
+            prompt = "\n".join(f"{role}: {text}" for role, text in prompt)
+        if ex.task in IMAGE_GEN:
+            return self.processor.encode(ex.task, prompt=prompt or "", codes=self._codes(ex.target), key=ex.key)
+        pixel_values = None
+        if ex.task in UNDERSTANDING:
+            pixel_values = self.vision_transform(ex.image)
+        return self.processor.encode(ex.task, prompt=prompt or "", target=ex.target,
+                                     pixel_values=pixel_values, key=ex.key)
+
+
+@dataclass
+class UnifiedLoss:
+    """``loss_fn(model, batch, step, generator)`` for the Trainer: objective over the unified model."""
+
+    objective: Any
+
+    MODEL_KEYS = ("image_slots", "pixel_values")
+    BATCH_KEYS = ("input_ids", "attention_mask", "target_mask", "prompt_mask", "image_code_mask", "task_ids")
+
+    def __call__(self, model, batch: dict, step: int, generator: torch.Generator | None):
+        self.objective.set_step(step)
+        b = {k: batch[k] for k in (*self.BATCH_KEYS, *self.MODEL_KEYS) if batch.get(k) is not None}
+
+        def model_fn(ids, attention_mask, attention_mode, prompt_mask, image_slots=None, pixel_values=None, **_):
+            return model(input_ids=ids, attention_mask=attention_mask, attention_mode=attention_mode,
+                         prompt_mask=prompt_mask, image_slots=image_slots, pixel_values=pixel_values).logits
+
+        out = self.objective(model_fn, b, generator)
+        metrics = dict(out.metrics)
+        metrics["mask_ratio"] = out.mask_ratio
+        return {"loss": out.loss, "metrics": metrics, "per_task": out.per_task_loss}
+
+
+@dataclass
+class Components:
+    recipe: Recipe
+    tokenizer: Any
+    processor: Any
+    model: Any
+    vq: Any
+    encoder: ExampleEncoder
+    objective: Any
+
+
+def _build_model(recipe: Recipe, text_vocab: int, codebook: int, proc_cfg: ProcessorConfig, special: SpecialTokens,
+                 ids: dict[str, int]):
+    from mmdiff.models import MMDiffConfig, MMDiffForDiffusion, MDiffModel, get_size
+    from mmdiff.models.vision import build_vision_encoder
+
+    m = recipe.model
+    vocab = text_vocab + codebook
+    backbone = get_size(m.size, **m.backbone)
+    backbone.update(vocab_size=vocab, attention_mode=m.attention_mode, mask_token_id=ids["mask"],
+                    pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
+    vision = build_vision_encoder(m.vision) if m.vision is not None else None
+    cfg = MMDiffConfig(backbone=backbone, projector=dataclasses.asdict(m.projector),
+                       special_tokens=dataclasses.asdict(special), text_vocab_size=text_vocab,
+                       codebook_size=codebook)
+    model = MMDiffForDiffusion(cfg, vision_encoder=vision)
+    if m.init_from_causal_lm:
+        lm = MDiffModel.from_causal_lm(m.init_from_causal_lm)
+        if lm.config.hidden_size != model.backbone.config.hidden_size:
+            raise ValueError(f"init_from_causal_lm: hidden size {lm.config.hidden_size} != recipe's "
+                             f"{model.backbone.config.hidden_size}; set model.size/backbone to the LM's shape")
+        lm.resize_token_embeddings(vocab)
+        missing = model.backbone.load_state_dict(lm.state_dict(), strict=False)
+        if missing.missing_keys:
+            raise ValueError(f"init_from_causal_lm: missing keys {missing.missing_keys[:5]}")
+    proc_cfg = dataclasses.replace(proc_cfg, num_image_tokens=model.num_image_tokens)
+    cfg.processor = dataclasses.asdict(proc_cfg)
+    if m.gradient_checkpointing:
+        model.backbone.activation_checkpointing_enable()
+    return model, proc_cfg
+
+
+def build_components(recipe: Recipe) -> Components:
+    """Everything a run needs, built and cross-checked before any training step."""
+    from mmdiff.processor import MMProcessor
+    from mmdiff.text_tokenizer import load_text_tokenizer, special_ids
+
+    m = recipe.model
+    tokenizer = load_text_tokenizer(m.tokenizer, m.special_tokens)
+    ids = special_ids(tokenizer, m.special_tokens)
+    vq = None
+    code_grid, codebook = (1, 1), 0
+    if m.vq:
+        from mmdiff.models.vq import VQTokenizer
+
+        vq = VQTokenizer.from_pretrained(m.vq).eval()
+        vq.requires_grad_(False)
+        code_grid, codebook = tuple(vq.grid_size(m.image_size)), vq.codebook_size
+    proc_cfg = ProcessorConfig(num_image_tokens=0, code_grid=code_grid, codebook_size=codebook,
+                               max_length=m.max_length, answer_lengths=dict(m.answer_lengths))
+    model, proc_cfg = _build_model(recipe, len(tokenizer), codebook, proc_cfg, m.special_tokens, ids)
+    processor = MMProcessor(tokenizer, m.special_tokens, proc_cfg)
+    transform = model.vision.image_transform() if model.vision is not None else None
+    encoder = ExampleEncoder(processor, transform, vq, m.image_size)
+    ocfg = dataclasses.replace(recipe.objective, task_names=list(TASKS)) if not recipe.objective.task_names \
+        else recipe.objective
+    keep = [ids[k] for k in ("bos", "user", "assistant", "image_start", "image_end", "image", "eos")]
+    objective = build_objective(ocfg, mask_token_id=ids["mask"], keep_token_ids=keep)
+    return Components(recipe, tokenizer, processor, model, vq, encoder, objective)
+
+
+class PipelineSource:
+    """The trainer's resumable data source over the webdataset pipeline (resampled, seeded)."""
+
+    def __init__(self, recipe: Recipe, encoder: ExampleEncoder, micro_batch: int):
+        self.recipe, self.encoder, self.micro_batch = recipe, encoder, micro_batch
+        self._loader = None
+
+    def _factory(self, rank: int, world_size: int, epoch: int):
+        from mmdiff.data.pipeline import PipelineConfig, build_dataloader
+
+        d = self.recipe.data
+        cfg = PipelineConfig(shards=list(d.shards), batch_size=self.micro_batch, shuffle_buffer=d.shuffle_buffer,
+                             num_workers=d.num_workers, resampled=True, seed=d.seed, epoch=epoch,
+                             max_bad_fraction=d.max_bad_fraction, task_weights=dict(d.task_weights),
+                             max_length=self.recipe.model.max_length)
+        self._loader = build_dataloader(cfg, self.encoder, transform=_Identity(), pad_id=self.encoder.pad_id,
+                                        rank=rank, world_size=world_size)
+        return self._loader
+
+    def iterator(self, start_batch: int, rank: int, world_size: int):
+        from mmdiff.training.data_state import SkippingDataSource
+
+        return SkippingDataSource(self._factory).iterator(start_batch, rank, world_size)
+
+    def stats(self) -> dict:
+        return self._loader.stats.as_dict() if self._loader is not None else {}
+
+
+def export_model(components: Components, output_dir: str | Path) -> Path:
+    from mmdiff.models.bundle import save_bundle
+
+    out = Path(output_dir) / "model"
+    tmp = out.with_name(".tmp-model")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    save_bundle(tmp, components.model, components.tokenizer, components.vq)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def run_recipe(recipe: Recipe, accelerator: Any = None) -> dict:
+    """Build, train (or resume), export ``<output_dir>/model``; a JSON-able summary."""
+    from mmdiff.config import save_config
+    from mmdiff.training.trainer import Trainer
+
+    comps = build_components(recipe)
+    out_dir = Path(recipe.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(recipe, out_dir / "recipe.yaml")
+    trainer = Trainer(recipe.train, comps.model, UnifiedLoss(comps.objective),
+                      PipelineSource(recipe, comps.encoder, 1), accelerator=accelerator)
+    trainer.data_source.micro_batch = trainer.micro_batch_size
+    result = trainer.train()
+    model_dir = None
+    if trainer.accelerator.is_main_process:
+        comps.model = trainer.unwrapped
+        model_dir = export_model(comps, out_dir)
+    trainer.accelerator.wait_for_everyone()
+    (out_dir / "history.json").write_text(json.dumps(result.get("history", [])))
+    return {"step": result["step"], "loss": result["loss"], "output_dir": str(out_dir),
+            "model_dir": str(model_dir) if model_dir else str(out_dir / "model"),
+            "resumed_from": result.get("resumed_from"), "steps_run": result.get("steps_run"),
+            "elapsed_s": round(result.get("elapsed_s", 0.0), 2)}

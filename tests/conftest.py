@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny Shapes world and its text tokenizer, made once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """{'train': dir, 'test': dir, 'tokenizer': dir} with 120 train / 40 test scenes."""
+    from mmdiff.text_tokenizer import train_tokenizer_from_shards
+    from mmdiff.world import write_shapes_split
+
+    root = tmp_path_factory.mktemp("world")
+    out = {}
+    for split, n in (("train", 120), ("test", 40)):
+        write_shapes_split(root / split, split=split, num_samples=n, seed=0, samples_per_shard=30)
+        out[split] = str(root / split)
+    train_tokenizer_from_shards([out["train"]], root / "tok", vocab_size=512, min_frequency=1)
+    out["tokenizer"] = str(root / "tok")
+    return out
