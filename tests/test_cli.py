@@ -52,3 +52,25 @@ def test_quickstart_data_stages_resumable(tmp_path, capsys):
     assert (Path(first["tokenizer_dir"]) / "tokenizer.json").is_file()
     rc, second = _run_json(capsys, ["quickstart", "--out", str(tmp_path / "q"), "--reduced"])
     assert rc == 0 and second["wall_seconds"] < first["wall_seconds"]
+
+
+def test_data_convert_coco(tmp_path, capsys):
+    from PIL import Image
+
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    for i in (1, 2):
+        Image.new("RGB", (20, 16), (i * 50, 0, 0)).save(img_dir / f"{i:012d}.jpg")
+    ann = {"images": [{"id": 1, "file_name": "000000000001.jpg"}, {"id": 2, "file_name": "000000000002.jpg"},
+                      {"id": 3, "file_name": "missing.jpg"}],
+           "annotations": [{"image_id": 1, "caption": "a red thing"}, {"image_id": 1, "caption": "red"},
+                           {"image_id": 2, "caption": "dark"}, {"image_id": 3, "caption": "gone"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(ann))
+    rc, res = _run_json(capsys, ["data", "convert", "--format", "coco", "--annotations", str(tmp_path / "captions.json"),
+                                 "--images", str(img_dir), "--out", str(tmp_path / "out")])
+    assert rc == 0, res
+    rc, rep = _run_json(capsys, ["data", "inspect", str(tmp_path / "out")])
+    assert rep["samples"] == 2 and rep["tasks"]["caption"] == 2
+    rc, res = _run_json(capsys, ["data", "convert", "--format", "vqa", "--annotations", str(tmp_path / "captions.json"),
+                                 "--images", str(img_dir), "--out", str(tmp_path / "out2")])
+    assert rc == 2 and "--questions" in res["error"]

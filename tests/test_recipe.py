@@ -59,3 +59,72 @@ def test_missing_weights_refused(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
         load_bundle(tmp_path)
+
+
+def _tiny_causal_lm(path, tokenizer_dir):
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=700, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def test_llava_stage1_then_stage2(tiny_world, tmp_path):
+    """Stage 1 trains only the projector (AR-initialised backbone, frozen tower); stage 2 trains all."""
+    import torch
+
+    from mmdiff.models.vision import VisionEncoder, tiny_vision_config
+    from mmdiff.training.recipe import run_recipe
+
+    lm = _tiny_causal_lm(tmp_path / "lm", tiny_world["tokenizer"])
+    vis_dir = tmp_path / "siglip"
+    VisionEncoder(tiny_vision_config("siglip")).save_pretrained(vis_dir)
+    common = [f"data.shards=[{tiny_world['train']}]", "data.num_workers=0", "data.shuffle_buffer=20",
+              f"model.vision.path={vis_dir}", "model.projector.pool=1", "model.max_length=128",
+              "model.answer_lengths={caption: 40, vqa: 4}", "model.gradient_checkpointing=false",
+              "train.max_steps=2", "train.batch_size=4", "train.grad_accum_steps=1", "train.precision=fp32",
+              "train.warmup_steps=0", "train.save_every=0", "train.progress=false", "train.tensorboard=false"]
+    s1 = load_recipe(REPO / "train/configs/llava-stage1.yaml",
+                     [*common, f"model.tokenizer={lm}", f"model.init_from_causal_lm={lm}",
+                      f"output_dir={tmp_path / 's1'}"])
+    r1 = run_recipe(s1)
+    w1 = _weights(r1["model_dir"])
+    lm_w = _weights(lm)
+    assert torch.equal(w1["backbone.layers.0.mlp.up_proj.weight"], lm_w["model.layers.0.mlp.up_proj.weight"])
+    n = w1["backbone.embed_tokens.weight"].shape[0]  # the world tokenizer is smaller than the LM's vocab
+    assert torch.equal(w1["backbone.embed_tokens.weight"], lm_w["model.embed_tokens.weight"][:n])
+    vis_w = _weights(vis_dir)
+    k = next(k for k in vis_w if k.endswith("encoder.layers.0.mlp.fc1.weight"))
+    assert torch.equal(w1["vision.model." + k], vis_w[k])  # tower frozen in stage 1
+    s2 = load_recipe(REPO / "train/configs/llava-stage2.yaml",
+                     [*common, f"model.size={r1['model_dir']}", f"model.tokenizer={r1['model_dir']}",
+                      f"train.init_from={r1['model_dir']}", "data.task_weights={caption: 1.0, vqa: 1.0}",
+                      "train.param_groups={vision: 0.01}", "train.lr=0.01", f"output_dir={tmp_path / 's2'}"])
+    w2 = _weights(run_recipe(s2)["model_dir"])
+    assert not torch.equal(w2["vision.model." + k], vis_w[k])  # tower trains in stage 2
+    assert not torch.equal(w2["backbone.layers.0.mlp.up_proj.weight"], w1["backbone.layers.0.mlp.up_proj.weight"])
+
+
+def test_ar_then_diffusion_recipe(tiny_world, tmp_path):
+    from mmdiff.training.recipe import run_recipe
+
+    r = load_recipe(REPO / "train/configs/shapes-ar-then-diffusion.yaml",
+                    _overrides(tiny_world, tmp_path, "objective.switch_step=2", "train.max_steps=4",
+                               "train.batch_size=4", "train.warmup_steps=0", "train.log_every=1"))
+    res = run_recipe(r)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    stages = [row.get("stage") for row in log if "stage" in row]
+    assert res["step"] == 4 and stages[:2] == [0.0, 0.0] and stages[-1] == 1.0

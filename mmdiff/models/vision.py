@@ -40,6 +40,7 @@ downloaded: without ``path`` the tower is built with random weights (tests, debu
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,9 +174,13 @@ def _register_open_clip_config(name: str, model_cfg: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{name}.json"
     text = json.dumps(model_cfg, sort_keys=True)
-    if not file.is_file() or file.read_text() != text:
-        file.write_text(text)
-    open_clip.add_model_config(file)
+    changed = not file.is_file() or file.read_text() != text
+    if changed:  # atomic write: parallel test workers may register the same name
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, file)
+    if changed or name not in open_clip.list_models():
+        open_clip.add_model_config(file)
 
 
 def _build_open_clip(cfg: VisionConfig):

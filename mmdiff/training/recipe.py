@@ -41,7 +41,7 @@ __all__ = ["ModelRecipe", "DataRecipe", "Recipe", "load_recipe", "build_componen
 
 @dataclass
 class ModelRecipe:
-    size: str = "debug"  # a name of mmdiff.models.sizes.SIZES
+    size: str = "debug"  # a name of mmdiff.models.sizes.SIZES, or a saved mmdiff model dir (its shape)
     backbone: dict[str, Any] = field(default_factory=dict)  # overrides of the named size
     attention_mode: Literal["bidirectional", "prefix", "causal"] = "bidirectional"
     tokenizer: str = ""  # text tokenizer directory (tokenizer.json)
@@ -52,7 +52,8 @@ class ModelRecipe:
     image_size: int = 32  # pixels fed to the VQ tokenizer
     answer_lengths: dict[str, int] = field(default_factory=lambda: dict(ProcessorConfig().answer_lengths))
     max_length: int = 256
-    init_from_causal_lm: str | None = None  # local LLaMA/Qwen2 directory (AR initialisation)
+    init_from_causal_lm: str | None = None  # local LLaMA/Qwen2 directory (AR init; its shape replaces `size`)
+    add_missing_special_tokens: bool = False  # add special tokens absent from a real LM's tokenizer
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
@@ -96,6 +97,17 @@ class Recipe:
             raise ValueError(f"data.task_weights uses {sorted(used & UNDERSTANDING)} but model.vision is not set")
         if used & IMAGE_GEN and not self.model.vq:
             raise ValueError(f"data.task_weights uses {sorted(used & IMAGE_GEN)} but model.vq is not set")
+        if self.model.backbone.get("shifted_logits") and self.objective.logits_are_shifted:
+            raise ValueError("model.backbone.shifted_logits already realigns the logits; "
+                             "objective.logits_are_shifted must then be false (it would shift twice)")
+        if self.objective.name != "autoregressive" and self.model.attention_mode != self.objective.attention_mode:
+            raise ValueError(
+                f"model.attention_mode={self.model.attention_mode!r} (used when sampling) differs from "
+                f"objective.attention_mode={self.objective.attention_mode!r} (used in training); set both"
+            )
+        if self.objective.name == "autoregressive" and self.model.attention_mode != "causal":
+            raise ValueError("objective.name=autoregressive needs model.attention_mode=causal "
+                             "(use ar_then_diffusion for the AR-then-diffusion curriculum)")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -187,30 +199,51 @@ class Components:
     objective: Any
 
 
+_CONFIG_META = ("transformers_version", "architectures", "model_type", "_name_or_path", "dtype", "torch_dtype",
+                "output_hidden_states", "return_dict", "use_cache", "id2label", "label2id", "problem_type",
+                "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder", "output_attentions")
+
+
+def _backbone_config(recipe: Recipe, vocab: int, ids: dict[str, int]) -> tuple[dict, Any]:
+    """Backbone fields: the named size, or the causal LM's own shape when initialising from one."""
+    from mmdiff.models import MDiffModel, get_size
+
+    m = recipe.model
+    lm = None
+    if m.init_from_causal_lm:
+        lm = MDiffModel.from_causal_lm(m.init_from_causal_lm)
+        backbone = {k: v for k, v in lm.config.to_dict().items() if k not in _CONFIG_META}
+        backbone.update(m.backbone)
+    elif (Path(m.size) / "config.json").is_file():  # the shape of a saved mmdiff model (stage 2)
+        saved = json.loads((Path(m.size) / "config.json").read_text())
+        if "backbone" not in saved:
+            raise ValueError(f"model.size: {m.size}/config.json is not an mmdiff model config (no 'backbone')")
+        backbone = {**saved["backbone"], **m.backbone}
+    else:
+        backbone = get_size(m.size, **m.backbone)
+    backbone.update(vocab_size=vocab, attention_mode=m.attention_mode, mask_token_id=ids["mask"],
+                    pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
+    return backbone, lm
+
+
 def _build_model(recipe: Recipe, text_vocab: int, codebook: int, proc_cfg: ProcessorConfig, special: SpecialTokens,
                  ids: dict[str, int]):
-    from mmdiff.models import MMDiffConfig, MMDiffForDiffusion, MDiffModel, get_size
+    from mmdiff.models import MMDiffConfig, MMDiffForDiffusion
     from mmdiff.models.vision import build_vision_encoder
 
     m = recipe.model
+    torch.manual_seed(recipe.train.seed)  # the same recipe builds the same initial weights
     vocab = text_vocab + codebook
-    backbone = get_size(m.size, **m.backbone)
-    backbone.update(vocab_size=vocab, attention_mode=m.attention_mode, mask_token_id=ids["mask"],
-                    pad_token_id=ids["pad"], eos_token_id=ids["eos"], bos_token_id=ids["bos"])
+    backbone, lm = _backbone_config(recipe, vocab, ids)
     vision = build_vision_encoder(m.vision) if m.vision is not None else None
     cfg = MMDiffConfig(backbone=backbone, projector=dataclasses.asdict(m.projector),
                        special_tokens=dataclasses.asdict(special), text_vocab_size=text_vocab,
                        codebook_size=codebook)
     model = MMDiffForDiffusion(cfg, vision_encoder=vision)
-    if m.init_from_causal_lm:
-        lm = MDiffModel.from_causal_lm(m.init_from_causal_lm)
-        if lm.config.hidden_size != model.backbone.config.hidden_size:
-            raise ValueError(f"init_from_causal_lm: hidden size {lm.config.hidden_size} != recipe's "
-                             f"{model.backbone.config.hidden_size}; set model.size/backbone to the LM's shape")
+    if lm is not None:  # AR initialisation: the LM's weights, its vocabulary grown by specials + codebook
         lm.resize_token_embeddings(vocab)
-        missing = model.backbone.load_state_dict(lm.state_dict(), strict=False)
-        if missing.missing_keys:
-            raise ValueError(f"init_from_causal_lm: missing keys {missing.missing_keys[:5]}")
+        model.backbone.load_state_dict(lm.state_dict(), strict=True)
+        del lm
     proc_cfg = dataclasses.replace(proc_cfg, num_image_tokens=model.num_image_tokens)
     cfg.processor = dataclasses.asdict(proc_cfg)
     if m.gradient_checkpointing:
@@ -224,7 +257,7 @@ def build_components(recipe: Recipe) -> Components:
     from mmdiff.text_tokenizer import load_text_tokenizer, special_ids
 
     m = recipe.model
-    tokenizer = load_text_tokenizer(m.tokenizer, m.special_tokens)
+    tokenizer = load_text_tokenizer(m.tokenizer, m.special_tokens, add_missing=m.add_missing_special_tokens)
     ids = special_ids(tokenizer, m.special_tokens)
     vq = None
     code_grid, codebook = (1, 1), 0

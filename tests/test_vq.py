@@ -1,0 +1,252 @@
+"""VQ tokenizer adapter (mmdiff.models.vq) and its trainer (mmdiff.training.vq_trainer)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmdiff.config import ConfigError, from_dict, load_config
+from mmdiff.models.vq import VQConfig, VQTokenizer
+from mmdiff.training.vq_trainer import (
+    VQRecipe,
+    VQTrainConfig,
+    VQTrainer,
+    evaluate_vq,
+    load_shard_images,
+    train_vq,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PALETTE = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
+
+
+def scenes(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Shapes-world-like images (N, 3, size, size) uint8: 1-3 flat squares/circles on black in 3x3 cells."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, size, size, 3), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    cell = size / 3
+    for i in range(n):
+        for c in rng.choice(9, rng.integers(1, 4), replace=False):
+            cy, cx = (c // 3 + 0.5) * cell, (c % 3 + 0.5) * cell
+            r = rng.choice([0.25, 0.4]) * cell
+            if rng.random() < 0.5:
+                mask = (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+            else:
+                mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+            out[i][mask] = PALETTE[rng.integers(len(PALETTE))]
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def tiny_config(**kw) -> VQConfig:
+    base = dict(image_size=16, block_out_channels=[8, 8], norm_num_groups=4, latent_channels=8,
+                num_vq_embeddings=16, vq_embed_dim=4)
+    base.update(kw)
+    return VQConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread():
+    """Seeded, single-threaded (the CPU is shared; oversubscribed threads are very slow)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ adapter
+@pytest.mark.parametrize("l2", [True, False])
+def test_encode_decode_shapes_range_and_determinism(l2):
+    tok = VQTokenizer(tiny_config(l2_normalize=l2)).eval()
+    x = scenes(3).float() / 255
+    codes = tok.encode_to_codes(x)
+    assert codes.shape == (3, 8, 8) and codes.dtype == torch.long
+    assert tok.grid_size() == (8, 8) and tok.grid_size(32) == (16, 16) and tok.num_tokens() == 64
+    assert 0 <= codes.min() and codes.max() < tok.codebook_size == 16
+    img = tok.decode_codes(codes)
+    assert img.shape == (3, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
+    assert torch.equal(tok.decode_codes(tok.encode_to_codes(x)), img)  # deterministic
+    assert torch.equal(tok.decode_codes(codes.flatten(1)), img)  # flat token rows are accepted
+    with pytest.raises(ValueError):
+        tok.decode_codes(torch.full((1, 8, 8), 16))
+
+
+def test_quantize_matches_diffusers_vector_quantizer():
+    """Without l2 normalisation our lookup is diffusers' own (VQModel.quantize)."""
+    tok = VQTokenizer(tiny_config(l2_normalize=False)).eval()
+    tok.codebook.data.normal_()  # spread the codes so ties cannot happen
+    x = scenes(2).float() / 255
+    z = tok.encode_latents(x)
+    ours_q, ours_codes = tok.quantize(z)
+    theirs_q, _, (_, _, theirs_idx) = tok.model.quantize(z)
+    assert torch.equal(ours_codes.flatten(), theirs_idx.flatten())
+    torch.testing.assert_close(ours_q, theirs_q)
+    # decode path = VQModel.decode(z_q, force_not_quantize=True)
+    ref = tok.model.decode(ours_q, force_not_quantize=True).sample
+    torch.testing.assert_close(tok.decode_latents(ours_q), ref)
+
+
+def test_decode_matches_diffusers_lookup_from_codebook():
+    from diffusers import VQModel
+
+    cfg = tiny_config(l2_normalize=False)
+    model = VQModel(**cfg.diffusers_kwargs(), lookup_from_codebook=True).eval()
+    tok = VQTokenizer(cfg, model=model)
+    codes = torch.randint(0, 16, (2, 8, 8))
+    ref = model.decode(codes.flatten(), force_not_quantize=True, shape=(2, 8, 8, 4)).sample
+    torch.testing.assert_close(tok.decode_codes(codes), ((ref + 1) / 2).clamp(0, 1))
+
+
+def test_save_load_round_trip(tmp_path):
+    tok = VQTokenizer(tiny_config()).eval()
+    x = scenes(4).float() / 255
+    codes = tok.encode_to_codes(x)
+    tok.save_pretrained(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "mmdiff_vq.json"} <= names
+    loaded = VQTokenizer.from_pretrained(tmp_path).eval()
+    assert loaded.config == tok.config
+    assert torch.equal(loaded.encode_to_codes(x), codes)
+    assert torch.equal(loaded.decode_codes(codes), tok.decode_codes(codes))
+    # a plain diffusers folder (no sidecar) loads with diffusers' L2 lookup
+    (tmp_path / "mmdiff_vq.json").unlink()
+    plain = VQTokenizer.from_pretrained(tmp_path)
+    assert plain.config.l2_normalize is False and plain.config.block_out_channels == [8, 8]
+
+
+def test_vq_config_validation():
+    assert VQConfig().downsample_factor == 2 and VQConfig(block_out_channels=[32, 64, 64]).downsample_factor == 4
+    with pytest.raises(ConfigError):
+        from_dict(VQConfig, {"image_size": 30, "block_out_channels": [8, 8, 8], "norm_num_groups": 4})
+    with pytest.raises(ConfigError):
+        from_dict(VQConfig, {"block_out_channels": [12, 16], "norm_num_groups": 8})
+    with pytest.raises(ConfigError):
+        from_dict(VQConfig, {"num_vq_embedings": 8})
+
+
+# ------------------------------------------------------------------------------ trainer
+def test_trainer_reduces_reconstruction_loss_and_reports_usage():
+    recipe = VQRecipe(model=tiny_config(num_vq_embeddings=32),
+                      train=VQTrainConfig(steps=40, batch_size=16, lr=3e-3, warmup_steps=5, dead_code_every=10,
+                                          eval_images=32, log_every=10, num_threads=1))
+    logged = []
+    tok, result = train_vq(recipe, scenes(160, seed=1), log=logged.append)
+    assert result["steps"] == 40 and logged
+    assert result["last_rec"] < 0.5 * result["first_rec"]
+    ev = result["eval"]
+    assert ev["num_images"] == 32
+    assert 1 <= ev["codes_used"] <= 32 and 0 < ev["code_usage"] <= 1
+    assert 1.0 <= ev["perplexity"] <= 32
+    assert ev["psnr"] > 10 and 0 <= ev["palette_pixel_error"] <= 1 and 0 <= ev["palette_exact"] <= 1
+    assert result["codes_restarted"] > 0  # tiny run: some codes were dead and got restarted
+
+
+def test_trainer_grad_codebook_and_iterable_input():
+    cfg = VQTrainConfig(steps=12, batch_size=8, codebook_update="grad", dead_code_every=0, eval_images=0)
+    tok = VQTokenizer(tiny_config(l2_normalize=False))
+    before = tok.codebook.detach().clone()
+    # any iterable of single images (floats in [0, 1]) works
+    images = [img for img in scenes(24, seed=2).float() / 255]
+    result = VQTrainer(tok, cfg).fit(images)
+    assert result["steps"] == 12 and "eval" not in result
+    assert not torch.equal(tok.codebook.detach(), before)  # the codebook learned by gradient
+
+
+def test_dead_code_restart_uses_encoder_outputs():
+    tok = VQTokenizer(tiny_config())
+    trainer = VQTrainer(tok, VQTrainConfig(dead_code_threshold=1))
+    z = torch.nn.functional.normalize(torch.randn(2, 4, 8, 8), dim=1)
+    trainer.usage_since_check[:] = 5
+    trainer.usage_since_check[[3, 7]] = 0
+    n = trainer._restart_dead_codes(z, torch.Generator().manual_seed(0))
+    assert n == 2 and trainer.usage_since_check.sum() == 0
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    for k in (3, 7):
+        assert torch.cdist(tok.codebook[k][None].detach(), flat).min() < 1e-2
+        torch.testing.assert_close(trainer.ema_sum[k], tok.codebook[k].detach())
+
+
+def test_evaluate_perfect_reconstruction_metrics():
+    class Identity(VQTokenizer):  # codes are not used: reconstruction is exact
+        def encode_to_codes(self, x):
+            self._x = x
+            return torch.zeros(x.shape[0], 8, 8, dtype=torch.long)
+
+        def decode_codes(self, codes):
+            return self._x
+
+    ev = evaluate_vq(Identity(tiny_config()), scenes(4), palette=[[0, 0, 0], *map(list, PALETTE)])
+    assert ev["palette_pixel_error"] == 0 and ev["palette_exact"] == 1
+    assert ev["codes_used"] == 1 and ev["perplexity"] == pytest.approx(1.0) and ev["psnr"] > 90
+
+
+# ------------------------------------------------------------------------------ data + CLI
+def _write_shards(directory: Path, images: torch.Tensor) -> None:
+    from PIL import Image
+
+    from mmdiff.data.shards import ShardWriter
+
+    with ShardWriter(directory, max_count=10) as w:
+        for i, img in enumerate(images):
+            buf = io.BytesIO()
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+            w.write(f"k{i:04d}", {"png": buf.getvalue(), "txt": "a scene", "json": {"caption": "a scene"}})
+
+
+def test_load_shard_images(tmp_path):
+    imgs = scenes(23)
+    _write_shards(tmp_path, imgs)
+    loaded = load_shard_images(tmp_path)
+    assert loaded.dtype == torch.uint8 and torch.equal(loaded, imgs)  # png is lossless, order kept
+    assert load_shard_images(tmp_path, limit=5).shape == (5, 3, 16, 16)
+    assert load_shard_images(tmp_path, image_size=32).shape == (23, 3, 32, 32)
+
+
+def test_yaml_recipe_is_valid():
+    recipe = load_config(VQRecipe, ROOT / "tokenizers" / "configs" / "vq-shapes.yaml")
+    assert recipe.model.image_size == 32
+    assert recipe.model.image_size % recipe.model.downsample_factor == 0
+    with pytest.raises(ConfigError):
+        load_config(VQRecipe, ROOT / "tokenizers" / "configs" / "vq-shapes.yaml", ["train.stepz=3"])
+
+
+def test_train_vq_script(tmp_path, capsys):
+    assert not (ROOT / "tokenizers" / "__init__.py").exists()  # must not shadow HF tokenizers
+    _write_shards(tmp_path / "shards", scenes(40, seed=3))
+    spec = importlib.util.spec_from_file_location("train_vq_script", ROOT / "tokenizers" / "train_vq.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "vq"
+    rc = script.main([
+        "--config", str(ROOT / "tokenizers" / "configs" / "vq-shapes.yaml"),
+        "--data", str(tmp_path / "shards"), "--out", str(out), "--json",
+        "model.image_size=16", "model.block_out_channels=[8,8]", "model.norm_num_groups=4",
+        "model.latent_channels=8", "model.num_vq_embeddings=16", "model.vq_embed_dim=4",
+        "train.steps=3", "train.batch_size=8", "train.eval_images=8",
+    ])
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["steps"] == 3 and metrics["num_train_images"] == 32 and "psnr" in metrics["eval"]
+    tok = VQTokenizer.from_pretrained(out)
+    assert tok.codebook_size == 16 and (out / "recipe.yaml").is_file() and (out / "metrics.json").is_file()
+
+
+def test_random_crops_are_aligned_and_train():
+    tok = VQTokenizer(tiny_config())
+    trainer = VQTrainer(tok, VQTrainConfig(steps=3, batch_size=4, crop_size=8, eval_images=0))
+    x = scenes(4).float() / 255
+    crops = trainer._crop(x, torch.Generator().manual_seed(0))
+    assert crops.shape == (4, 3, 8, 8)
+    for img, crop in zip(x, crops):  # each crop is a window at an even offset of its own image
+        windows = [img[:, t : t + 8, l : l + 8] for t in range(0, 9, 2) for l in range(0, 9, 2)]
+        assert any(torch.equal(w, crop) for w in windows)
+    assert trainer.fit(scenes(8))["steps"] == 3
+    with pytest.raises(ValueError):
+        VQTrainer(tok, VQTrainConfig(crop_size=7))._crop(x, torch.Generator())
