@@ -1,0 +1,95 @@
+"""MMDiffT2IPipeline (mmdiff.pipelines.t2i): a diffusers pipeline over a tiny untrained model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmdiff.pipelines import MMDiffT2IPipeline
+from test_generation import tiny_bundle_dir  # the shared tiny model directory builder
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from mmdiff.models.bundle import load_bundle
+
+    return load_bundle(tiny_bundle_dir(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    p = MMDiffT2IPipeline.from_bundle(bundle)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _arrays(images) -> list[np.ndarray]:
+    return [np.asarray(im) for im in images]
+
+
+def test_pipeline_outputs_pil_images_deterministically(pipe):
+    from PIL import Image
+
+    out = pipe(["a red circle", "a blue square"], num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    assert len(out.images) == 2
+    assert all(isinstance(im, Image.Image) and im.size == (16, 16) and im.mode == "RGB" for im in out.images)
+    again = pipe(["a red circle", "a blue square"], num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    assert all(np.array_equal(x, y) for x, y in zip(_arrays(out.images), _arrays(again.images)))
+    single = pipe("a red circle", num_inference_steps=4, guidance_scale=0.0,
+                  generator=torch.Generator().manual_seed(0))
+    assert len(single.images) == 1
+
+
+def test_pipeline_output_types(pipe):
+    pt = pipe("a red circle", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(1))
+    assert pt.images.shape == (1, 3, 16, 16) and 0 <= float(pt.images.min()) and float(pt.images.max()) <= 1
+    arr = pipe("a red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(1))
+    assert arr.images.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(arr.images[0], pt.images[0].permute(1, 2, 0).numpy())
+    (tup,) = pipe("a red circle", num_inference_steps=2, output_type="pt", return_dict=False,
+                  generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tup, pt.images)
+
+
+def test_save_pretrained_from_pretrained_identical(pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["model"] == ["mmdiff.models.unified", "MMDiffForDiffusion"]
+    assert index["scheduler"] == ["mmdiff.sampling.scheduler", "MaskedDiffusionScheduler"]
+    assert index["vq"] == ["diffusers", "VQModel"] and index["vq_l2_normalize"] is True
+    loaded = MMDiffT2IPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler.config.mask_token_id == pipe.scheduler.config.mask_token_id
+    kw = dict(num_inference_steps=4, guidance_scale=2.0)
+    a = pipe(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(5), **kw)
+    b = loaded(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(5), **kw)
+    assert all(np.array_equal(x, y) for x, y in zip(_arrays(a.images), _arrays(b.images)))
+
+
+def test_pipeline_bad_input(pipe, bundle):
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        pipe("")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe("a red circle", num_inference_steps=0)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("a red circle", output_type="latent")
+    with pytest.raises(ValueError, match="prompt is too long"):
+        pipe("red " * 200)
+    with pytest.raises(ValueError, match="scheduler: mask_token_id"):
+        MMDiffT2IPipeline(bundle.model, bundle.vq, bundle.tokenizer,
+                          MMDiffT2IPipeline.default_scheduler(bundle.processor, mask_token_id=99))
+    with pytest.raises(ValueError, match="bundle: .* no VQ"):
+        MMDiffT2IPipeline.from_bundle(dataclasses.replace(bundle, vq=None))
