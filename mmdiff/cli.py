@@ -17,7 +17,8 @@ import sys
 import time
 from typing import Callable
 
-from mmdiff.cli_generate import add_generate  # argparse-only at import time
+from mmdiff.cli_eval import add_eval  # argparse-only at import time
+from mmdiff.cli_generate import add_generate
 
 Handler = Callable[[argparse.Namespace], dict]
 
@@ -148,7 +149,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-_ADDERS = [_add_data, _add_train, add_generate, _add_quickstart]
+_ADDERS = [_add_data, _add_train, add_generate, add_eval, _add_quickstart]
 
 
 def build_parser() -> argparse.ArgumentParser:
