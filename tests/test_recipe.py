@@ -128,3 +128,35 @@ def test_ar_then_diffusion_recipe(tiny_world, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     stages = [row.get("stage") for row in log if "stage" in row]
     assert res["step"] == 4 and stages[:2] == [0.0, 0.0] and stages[-1] == 1.0
+
+
+def test_interrupted_run_resumes_exactly(tiny_world, tmp_path, monkeypatch):
+    """A run stopped mid-way (after its step-4 checkpoint) and re-run gives the uninterrupted losses."""
+    from mmdiff.training import recipe as recipe_mod
+
+    def losses(out_dir):
+        return [round(h["loss"], 6) for h in json.loads((out_dir / "history.json").read_text())]
+
+    common = ["train.max_steps=6", "train.save_every=2", "train.batch_size=4", "train.warmup_steps=1"]
+    full = tmp_path / "full"
+    recipe_mod.run_recipe(load_recipe(DEBUG, _overrides(tiny_world, full, *common)))
+
+    cut = tmp_path / "cut"
+    original = recipe_mod.PipelineSource.iterator
+
+    class Stop(Exception):
+        pass
+
+    def dying(self, start_batch, rank, world_size):
+        for i, batch in enumerate(original(self, start_batch, rank, world_size)):
+            if start_batch + i == 5:  # the 6th batch: after the step-4 checkpoint
+                raise Stop
+            yield batch
+
+    monkeypatch.setattr(recipe_mod.PipelineSource, "iterator", dying)
+    with pytest.raises(Stop):
+        recipe_mod.run_recipe(load_recipe(DEBUG, _overrides(tiny_world, cut, *common)))
+    monkeypatch.setattr(recipe_mod.PipelineSource, "iterator", original)
+    res = recipe_mod.run_recipe(load_recipe(DEBUG, _overrides(tiny_world, cut, *common)))
+    assert res["resumed_from"].endswith("step-00000004")
+    assert losses(cut) == losses(full)
