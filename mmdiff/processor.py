@@ -183,7 +183,11 @@ class MMProcessor:
                 raise ValueError(f"task {task!r} needs target image codes [key={key}]")
             return self._encode_image_gen(task, prompt, codes, given_codes, key)
         pids, offset = self._prompt_ids(task, prompt, has_image=task in UNDERSTANDING)
-        aids = self._answer_ids(task, target, None)
+        return self._text_encoded(task, pids, offset, self._answer_ids(task, target, None), pixel_values, key)
+
+    def _text_encoded(self, task: str, pids: list[int], offset: int, aids: list[int],
+                      pixel_values: torch.Tensor | None, key: str) -> Encoded:
+        """prompt ids + answer ids -> ``Encoded`` (answer = target; vision slots from ``offset``)."""
         ids = pids + aids
         self._check_length(ids, key)
         L = len(ids)
@@ -275,22 +279,7 @@ class MMProcessor:
         n = gen_length if gen_length is not None else self.cfg.answer_lengths.get(task, 0)
         if n < 1:
             raise ValueError(f"gen_length must be >= 1 for task {task!r}, got {n}")
-        ids = pids + [m] * n
-        self._check_length(ids, "")
-        L = len(ids)
-        target_mask = torch.zeros(L, dtype=torch.bool)
-        target_mask[len(pids):] = True
-        slots = torch.zeros(L, dtype=torch.bool)
-        if offset >= 0:
-            slots[offset: offset + self.cfg.num_image_tokens] = True
-        return Encoded(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            target_mask=target_mask,
-            image_slots=slots,
-            image_code_mask=torch.zeros(L, dtype=torch.bool),
-            task=task,
-            pixel_values=pixel_values if task in UNDERSTANDING else None,
-        )
+        return self._text_encoded(task, pids, offset, [m] * n, pixel_values, "")
 
     # ------------------------------------------------------------------ batching
     def collate(self, items: Sequence[Encoded], pad_to: int | None = None, left_pad: bool = False) -> dict:
