@@ -97,13 +97,14 @@ def train_throughput(out: dict, size: str, B: int, L: int, rounds: int) -> None:
     }
 
 
-def sampler_speed(out: dict, gen: int = 256, rounds: int = 3, size: str = "small") -> None:
+def sampler_speed(out: dict, gen: int = 256, rounds: int = 3, size: str = "small", model=None) -> None:
     from mmdiff.models import MDiffConfig, MDiffModel, get_size
     from mmdiff.sampling import SamplerConfig, build_sampler
 
     torch.manual_seed(0)
-    V = 1024
-    model = MDiffModel(MDiffConfig(**get_size(size, vocab_size=V))).to(DEV).eval()
+    V = 1024 if model is None else model.config.vocab_size
+    if model is None:
+        model = MDiffModel(MDiffConfig(**get_size(size, vocab_size=V))).to(DEV).eval()
     Lp = 64
     ids = torch.randint(0, V - 2, (1, Lp + gen), device=DEV)
     ids[:, Lp:] = V - 1
@@ -131,11 +132,23 @@ def sampler_speed(out: dict, gen: int = 256, rounds: int = 3, size: str = "small
 
     times = bench_interleaved({n: runner(n) for n in configs}, warmup=1, repeats=rounds, device=DEV)
     base = median(times["vanilla"])
-    out[f"sampler_gen{gen}"] = {
+    out[f"sampler_{size}_gen{gen}"] = {
         n: {"seconds": round(median(t), 3), "tokens_per_s": round(gen / median(t), 1),
             "speedup_vs_vanilla": round(base / median(t), 2), "nfe": nfe[n]}
         for n, t in times.items()
     }
+
+
+def sampler_speed_llada(out: dict, rounds: int = 2) -> None:
+    """LLaDA-8B's shape with random weights, bf16: what the caches save at real scale (speed only)."""
+    from mmdiff.models import MDiffConfig, MDiffModel, get_size
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = MDiffModel(MDiffConfig(**get_size("llada-8b", mask_token_id=None))).to(torch.bfloat16).eval()
+    for gen in (256, 512):
+        sampler_speed(out, gen=gen, rounds=rounds, size="llada-8b", model=model)
+    out["llada_8b_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
 
 
 def train_path(out: dict, root: Path) -> None:
@@ -162,6 +175,7 @@ def main() -> int:
     ap.add_argument("--out", default="gpu_check_out", help="working directory")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per comparison")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap.add_argument("--only-llada", action="store_true", help="only the LLaDA-8B-shape sampler timing")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny CPU run of the script itself")
     a = ap.parse_args()
     global DEV
@@ -173,7 +187,7 @@ def main() -> int:
         print("no CUDA device: nothing to check", file=sys.stderr)
         return 2
     out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    steps = [
+    steps = [("sampler_llada8b", lambda: sampler_speed_llada(out))] if a.only_llada else [
         ("caches", lambda: check_caches(out)),
         ("train_quickstart", lambda: train_throughput(out, "quickstart", 64, 512, a.rounds)),
         ("train_small", lambda: train_throughput(out, "small", 32, 512, a.rounds)),
