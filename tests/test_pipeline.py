@@ -479,3 +479,16 @@ def test_config_validation():
         from_dict(PipelineConfig, {"image_mean": [0.5]})
     with pytest.raises(ValueError, match="shards is empty"):
         build_dataset(PipelineConfig(), simple_encode, pad_id=0)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_group_by_task_batches_hold_one_task(shard_dir, packing):
+    d, keys = shard_dir
+    cfg = cfg_for(d, group_by_task=True, packing=packing, max_length=16,
+                  task_weights={"caption": 1.0, "vqa": 1.0, "describe": 1.0})
+    batches = list(build_dataloader(cfg, simple_encode, pad_id=0))
+    assert all(len(set(b["tasks"])) == 1 for b in batches)  # one task per batch
+    assert len({b["tasks"][0] for b in batches}) == 3
+    assert Counter(k for b in batches for k in b["keys"]) == Counter(keys)  # none lost, none doubled
+    again = list(build_dataloader(cfg, simple_encode, pad_id=0))
+    assert [b["keys"] for b in again] == [b["keys"] for b in batches]  # deterministic

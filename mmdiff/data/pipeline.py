@@ -12,7 +12,7 @@ Stages (one ``wds.DataPipeline``; batching happens inside it, so the DataLoader 
     -> task mixture (mmdiff.data.tasks; a sample with no task -> bad, reason ``no_task``)
     -> image transform (resize, to tensor, normalise; any callable can replace it)
     -> encode_fn (TaskExample -> dict of 1-D tensors; default ``TextEncoder``)
-    -> batching: pad to longest / max_length, or *packing*
+    -> batching: pad to longest / max_length, or *packing*; optionally one task per batch
 
 Design notes
 ------------
@@ -48,6 +48,10 @@ Design notes
   ``segment_attention_mask``), combined with the prefix/causal rule inside a segment.
   ``position_ids`` restart at 0 in every segment.  Without packing every row has one segment,
   so the same two tensors are valid (and trivially so).
+* **One task per batch** (``group_by_task=True``) keeps one buffer per task and emits a batch
+  when a task's buffer is full, so short VQA rows are never padded to the ~280 tokens of a t2i
+  row.  The stream stays deterministic; a finite epoch ends by flushing the partial buffers in
+  order of the tasks' first appearance.
 * Extra (non-tensor) batch entries: ``keys`` and ``tasks`` (lists of str, one per example, in
   batch order = row-major, segment order).  ``pixel_values`` holds the input images of the
   examples that have image slots, in that order; ``target_pixel_values`` the target images of
@@ -132,6 +136,7 @@ class PipelineConfig:
     max_length: int = 256
     pad_to: Literal["longest", "max_length"] = "longest"
     packing: bool = False
+    group_by_task: bool = False  # each batch holds one task (per-task buffers): no padding to t2i length
     # default TextEncoder layout
     image_slots: int = 16  # vision placeholders between image_start/image_end for input images
     image_code_slots: int = 64  # placeholders for a t2i target image's VQ codes
@@ -615,15 +620,17 @@ class _Batch:
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         cfg = self.state.cfg
-        rows: list[list[dict]] = []
-        used: list[int] = []
+        # one (rows, used) buffer per group: the task with group_by_task, else a single group.
+        # Groups are flushed in order of first appearance, so the stream stays deterministic.
+        groups: dict[str | None, tuple[list[list[dict]], list[int]]] = {}
         for enc in src:
             n = len(enc["input_ids"])
+            rows, used = groups.setdefault(enc["task"] if cfg.group_by_task else None, ([], []))
             if not cfg.packing:
                 rows.append([enc])
                 if len(rows) == cfg.batch_size:
                     yield self._emit(rows)
-                    rows = []
+                    rows.clear()
                 continue
             for r, u in enumerate(used):  # first fit
                 if u + n <= cfg.max_length:
@@ -633,11 +640,13 @@ class _Batch:
             else:
                 if len(rows) == cfg.batch_size:
                     yield self._emit(rows)
-                    rows, used = [], []
+                    rows.clear()
+                    used.clear()
                 rows.append([enc])
                 used.append(n)
-        if rows and not (cfg.drop_last and not cfg.resampled and len(rows) < cfg.batch_size):
-            yield self._emit(rows)
+        for rows, _ in groups.values():
+            if rows and not (cfg.drop_last and not cfg.resampled and len(rows) < cfg.batch_size):
+                yield self._emit(rows)
         tail = self.state.delta()
         if tail is not None:
             yield {"_stats": tail}  # stats-only: PipelineLoader consumes it

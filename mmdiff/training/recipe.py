@@ -71,6 +71,7 @@ class DataRecipe:
     num_workers: int = 0
     seed: int = 0
     max_bad_fraction: float = 0.05
+    group_by_task: bool = False  # one task per batch: short-answer batches are not padded to t2i length
 
     def validate(self) -> None:
         if not self.shards:
@@ -294,7 +295,7 @@ class PipelineSource:
         cfg = PipelineConfig(shards=list(d.shards), batch_size=self.micro_batch, shuffle_buffer=d.shuffle_buffer,
                              num_workers=d.num_workers, resampled=True, seed=d.seed, epoch=epoch,
                              max_bad_fraction=d.max_bad_fraction, task_weights=dict(d.task_weights),
-                             max_length=self.recipe.model.max_length)
+                             max_length=self.recipe.model.max_length, group_by_task=d.group_by_task)
         self._loader = build_dataloader(cfg, self.encoder, transform=_Identity(), pad_id=self.encoder.pad_id,
                                         rank=rank, world_size=world_size)
         return self._loader
