@@ -433,36 +433,30 @@ def answer(
     return res if (many_i or many_q) else res[0]
 
 
-def caption(
-    bundle: "Bundle",
-    image: ImageInput | Sequence[ImageInput],
-    gen_length: int | None = None,
-    block_length: int | None | _Default = DEFAULT,
-    steps: int | None = None,
-    sampler: SamplerConfig | None = None,
-    generator: torch.Generator | int | None = None,
-) -> TextResult | list[TextResult]:
-    """A short caption of each image (the ``caption`` task prompt)."""
-    images, many = _as_list(image)
-    res = _understand(bundle, "caption", images, [TASK_PROMPTS["caption"]] * len(images), "prompt", gen_length,
-                      block_length, steps, sampler, generator)
-    return res if many else res[0]
+def _instructed(task: str, doc: str):
+    """An understanding entry point whose prompt is the task's fixed instruction (TASK_PROMPTS)."""
+
+    def entry(
+        bundle: "Bundle",
+        image: ImageInput | Sequence[ImageInput],
+        gen_length: int | None = None,
+        block_length: int | None | _Default = DEFAULT,
+        steps: int | None = None,
+        sampler: SamplerConfig | None = None,
+        generator: torch.Generator | int | None = None,
+    ) -> TextResult | list[TextResult]:
+        images, many = _as_list(image)
+        res = _understand(bundle, task, images, [TASK_PROMPTS[task]] * len(images), "prompt", gen_length,
+                          block_length, steps, sampler, generator)
+        return res if many else res[0]
+
+    entry.__name__ = entry.__qualname__ = task
+    entry.__doc__ = doc
+    return entry
 
 
-def describe(
-    bundle: "Bundle",
-    image: ImageInput | Sequence[ImageInput],
-    gen_length: int | None = None,
-    block_length: int | None | _Default = DEFAULT,
-    steps: int | None = None,
-    sampler: SamplerConfig | None = None,
-    generator: torch.Generator | int | None = None,
-) -> TextResult | list[TextResult]:
-    """A detailed description of each image (the ``describe`` task prompt)."""
-    images, many = _as_list(image)
-    res = _understand(bundle, "describe", images, [TASK_PROMPTS["describe"]] * len(images), "prompt", gen_length,
-                      block_length, steps, sampler, generator)
-    return res if many else res[0]
+caption = _instructed("caption", "A short caption of each image (the ``caption`` task prompt).")
+describe = _instructed("describe", "A detailed description of each image (the ``describe`` task prompt).")
 
 
 # --------------------------------------------------------------------------------------------
