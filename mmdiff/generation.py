@@ -190,13 +190,19 @@ def as_generator(generator: torch.Generator | int | None, device: torch.device |
 
 
 def load_image(image: ImageInput, name: str = "image") -> "PILImage.Image":
-    """A PIL RGB image from a PIL image or a path; errors name the argument and the file."""
+    """A PIL RGB image from a PIL image, an (H, W, 3) uint8 array or a path; errors name the argument."""
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"{name}: an array image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        return Image.fromarray(image, "RGB")
     if not isinstance(image, (str, Path)):
-        raise ValueError(f"{name} must be a PIL image or a file path, got {type(image).__name__}")
+        raise ValueError(f"{name} must be a PIL image, an (H, W, 3) uint8 array or a file path, "
+                         f"got {type(image).__name__}")
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"{name}: image file not found: {path}")

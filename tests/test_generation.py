@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,8 +236,10 @@ def test_bad_image_arguments_name_the_argument(bundle, images, tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
         describe(bundle, bad)
-    with pytest.raises(ValueError, match="image must be a PIL image or a file path"):
+    with pytest.raises(ValueError, match="image must be a PIL image, an .* array or a file path"):
         caption(bundle, 42)
+    with pytest.raises(ValueError, match=r"must be \(H, W, 3\) uint8"):
+        caption(bundle, np.zeros((4, 4), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"image \(3 items\) and question \(2 items\)"):
         answer(bundle, [a, a, a], ["q one", "q two"])
     with pytest.raises(ValueError, match="question is too long"):
