@@ -161,6 +161,12 @@ class EvalTask:
 
         return from_dict(SamplerConfig, settings["sampler"])
 
+    @classmethod
+    def _generation_kwargs(cls, settings: dict, seed) -> dict:
+        """The pinned settings as keyword arguments of the ``mmdiff.generation`` entry points."""
+        return dict(gen_length=settings["gen_length"], block_length=settings["block_length"],
+                    steps=settings["steps"], sampler=cls._sampler(settings), generator=seed)
+
 
 def _objects(sample: "Sample") -> list[dict] | None:
     objs = sample.meta.get("objects")
@@ -200,8 +206,7 @@ class VQATask(EvalTask):
         from mmdiff.generation import answer
 
         results = answer(bundle, [it.image for it in items], [it.prompt for it in items],
-                         gen_length=settings["gen_length"], block_length=settings["block_length"],
-                         steps=settings["steps"], sampler=self._sampler(settings), generator=seed)
+                         **self._generation_kwargs(settings, seed))
         rows = []
         for it, r in zip(items, results):
             answers = it.extra.get("answers") or [it.reference]
@@ -259,9 +264,7 @@ class CaptionTask(EvalTask):
         from mmdiff.evaluation.metrics import bleu, caption_attribute_accuracy
         from mmdiff.generation import caption
 
-        results = caption(bundle, [it.image for it in items], gen_length=settings["gen_length"],
-                          block_length=settings["block_length"], steps=settings["steps"],
-                          sampler=self._sampler(settings), generator=seed)
+        results = caption(bundle, [it.image for it in items], **self._generation_kwargs(settings, seed))
         rows = []
         for it, r in zip(items, results):
             _, per_image = bleu({0: it.reference}, {0: r.text})
@@ -310,9 +313,7 @@ class DescribeTask(EvalTask):
         from mmdiff.evaluation.metrics import describe_prf
         from mmdiff.generation import describe
 
-        results = describe(bundle, [it.image for it in items], gen_length=settings["gen_length"],
-                           block_length=settings["block_length"], steps=settings["steps"],
-                           sampler=self._sampler(settings), generator=seed)
+        results = describe(bundle, [it.image for it in items], **self._generation_kwargs(settings, seed))
         rows = []
         for it, r in zip(items, results):
             prf = describe_prf(r.text, it.extra["objects"])
