@@ -177,8 +177,8 @@ class Guidance:
         is_image = (batch["target_mask"] & batch["image_code_mask"]).any(-1)  # (B,)
         scales = torch.where(
             is_image,
-            torch.full(is_image.shape, self.image_scale, dtype=torch.float64),
-            torch.full(is_image.shape, self.text_scale, dtype=torch.float64),
+            torch.full(is_image.shape, self.image_scale, dtype=torch.float64, device=is_image.device),
+            torch.full(is_image.shape, self.text_scale, dtype=torch.float64, device=is_image.device),
         )
         if not bool((scales != 0).any()):
             return None
