@@ -173,6 +173,37 @@ def test_dead_code_restart_uses_encoder_outputs():
         torch.testing.assert_close(trainer.ema_sum[k], tok.codebook[k].detach())
 
 
+def test_autoencoder_warmup_then_codebook_restart():
+    """ae_warmup: the first part trains without quantisation (EMA codebook untouched, no commitment in
+    the loss); at the switch every code restarts at an encoder latent, then quantised training goes on."""
+    tok = VQTokenizer(tiny_config(num_vq_embeddings=8))
+    cfg = VQTrainConfig(steps=20, batch_size=8, ae_warmup=0.5, dead_code_every=0, eval_images=0, warmup_steps=2)
+    trainer = VQTrainer(tok, cfg)
+    before = tok.codebook.detach().clone()
+    images = scenes(64, seed=3)
+    seen = {}
+
+    def log(row):
+        seen[row["step"]] = row
+
+    cfg.log_every = 1
+    trainer.fit(images, log=log)
+    assert trainer.step == 20
+    assert trainer.restarted == 8  # all codes restarted once, at the switch (step 10)
+    assert not torch.equal(tok.codebook.detach(), before)
+    # during the warm-up the loss is the reconstruction alone; afterwards the commitment is added
+    assert seen[5]["loss"] == pytest.approx(seen[5]["rec"])
+    assert seen[15]["loss"] == pytest.approx(seen[15]["rec"] + cfg.beta * seen[15]["commit"])
+    # an EMA codebook does not move during the warm-up
+    tok2 = VQTokenizer(tiny_config(num_vq_embeddings=8))
+    b2 = tok2.codebook.detach().clone()
+    VQTrainer(tok2, VQTrainConfig(steps=5, batch_size=8, ae_warmup=0.9, dead_code_every=0, eval_images=0,
+                                  warmup_steps=1)).fit(images)
+    torch.testing.assert_close(tok2.codebook.detach(), b2)
+    with pytest.raises(ValueError, match="ae_warmup"):
+        VQTrainConfig(ae_warmup=1.0).validate()
+
+
 def test_evaluate_perfect_reconstruction_metrics():
     class Identity(VQTokenizer):  # codes are not used: reconstruction is exact
         def encode_to_codes(self, x):

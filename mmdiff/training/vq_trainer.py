@@ -76,6 +76,11 @@ class VQTrainConfig:
     max_minutes: float = 0.0  # wall-clock budget; 0 = none. The LR schedule follows whichever of
     # steps / time runs out first, so a time-boxed run still anneals.
     num_threads: int = 0  # torch.set_num_threads during training; 0 leaves it alone
+    # Plain-autoencoder warm-up: for this fraction of the run the decoder reads the continuous
+    # latents (no quantisation, no commitment); then every code restarts at a latent of the
+    # current batch.  Deep encoders (downsample 8-16) start out mapping every patch to nearly the
+    # same latent, so quantising from step 0 collapses onto one code that decodes to background.
+    ae_warmup: float = 0.0
     seed: int = 0
     log_every: int = 50
     eval_every: int = 0  # 0: evaluate only at the end
@@ -99,6 +104,8 @@ class VQTrainConfig:
             raise ValueError("beta, warmup_steps and dead_code_every must be >= 0")
         if not 0.0 <= self.dead_code_until <= 1.0:
             raise ValueError("dead_code_until must be in [0, 1]")
+        if not 0.0 <= self.ae_warmup < 1.0:
+            raise ValueError(f"ae_warmup must be in [0, 1), got {self.ae_warmup}")
         if self.crop_size < 0:
             raise ValueError(f"crop_size must be >= 0, got {self.crop_size}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -269,6 +276,7 @@ class VQTrainer:
         self.usage_since_check = torch.zeros(k, dtype=torch.long)
         self.step = 0
         self.restarted = 0
+        self.in_warmup = False
 
     def progress(self, step: int, elapsed_s: float = 0.0) -> float:
         """Fraction of the run done: by steps, or by wall clock when ``max_minutes`` is set."""
@@ -287,11 +295,15 @@ class VQTrainer:
         p = self.progress(step, elapsed_s)
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
-        """x (B, 3, H, W) in [0, 1] -> (loss, parts, z (B, D, h, w) detached, codes (B, h, w))."""
+    def loss(self, x: torch.Tensor, quantize: bool = True) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+        """x (B, 3, H, W) in [0, 1] -> (loss, parts, z (B, D, h, w) detached, codes (B, h, w)).
+
+        quantize=False (the autoencoder warm-up): the decoder reads z itself and the codebook
+        terms are left out (codes are still looked up, for the usage statistics).
+        """
         z = self.tok.encode_latents(x)  # (B, D, h, w)
         e, codes = self.tok.quantize(z)  # (B, D, h, w), (B, h, w)
-        z_q = z + (e - z).detach()  # straight-through
+        z_q = z + (e - z).detach() if quantize else z  # straight-through
         recon = self.tok.decode_latents(z_q)  # (B, 3, H, W) in [-1, 1]
         target = x * 2.0 - 1.0
         if self.cfg.recon_loss == "mse":
@@ -299,9 +311,9 @@ class VQTrainer:
         else:
             rec = F.l1_loss(recon, target)
         commit = F.mse_loss(z, e.detach())
-        loss = rec + self.cfg.beta * commit
+        loss = rec + self.cfg.beta * commit if quantize else rec
         parts = {"rec": rec.item(), "commit": commit.item()}
-        if not self.ema:
+        if not self.ema and quantize:
             codebook_loss = F.mse_loss(e, z.detach())
             loss = loss + codebook_loss
             parts["codebook"] = codebook_loss.item()
@@ -378,7 +390,12 @@ class VQTrainer:
                 x = self._crop(next(stream), gen)
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr_at(self.step, elapsed)
-                loss, parts, z, codes = self.loss(x)
+                warm = self.progress(self.step, elapsed) < c.ae_warmup
+                if self.in_warmup and not warm:  # warm-up over: every code restarts at a latent
+                    self.usage_since_check.zero_()
+                    self.restarted += self._restart_dead_codes(self.tok.encode_latents(x).detach(), gen)
+                self.in_warmup = warm
+                loss, parts, z, codes = self.loss(x, quantize=not warm)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if c.grad_clip > 0:
@@ -386,7 +403,7 @@ class VQTrainer:
                         [p for g in self.opt.param_groups for p in g["params"]], c.grad_clip
                     )
                 self.opt.step()
-                if self.ema:
+                if self.ema and not warm:
                     self._ema_update(z, codes)
                 self.usage_since_check += torch.bincount(codes.flatten(), minlength=self.tok.codebook_size)
                 self.step += 1
