@@ -237,6 +237,16 @@ def test_task_mixture_is_deterministic_per_key_and_epoch():
     assert caps == {"a red circle", "a circle that is red"}  # random caption among captions
 
 
+def test_canonical_caption_choice_always_takes_the_first_caption():
+    s = _sample("key42")
+    mix = TaskMixture({"caption": 1.0, "t2i": 1.0}, caption_choice="canonical")
+    examples = [mix.example(s, epoch=e) for e in range(40)]
+    assert {e.target for e in examples if e.task == "caption"} == {"a red circle"}
+    assert len({e.prompt for e in examples if e.task == "t2i"}) == 2  # t2i prompts stay random
+    with pytest.raises(ValueError, match="caption_choice"):
+        TaskMixture({"caption": 1.0}, caption_choice="first")
+
+
 def test_task_examples_have_the_documented_fields():
     s = _sample("k", text=None)
     ex = {t: TaskMixture({t: 1.0}).example(s) for t in ("caption", "vqa", "describe", "text", "t2i")}

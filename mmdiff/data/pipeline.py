@@ -132,6 +132,7 @@ class PipelineConfig:
     image_resample: Literal["nearest", "bilinear", "bicubic"] = "bicubic"
     # tasks
     task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
+    caption_choice: str = "random"  # "random" caption template per sample, or always the "canonical" one
     # sequences and batching
     max_length: int = 256
     pad_to: Literal["longest", "max_length"] = "longest"
@@ -159,7 +160,7 @@ class PipelineConfig:
             raise ValueError(f"image_std must be positive, got {self.image_std}")
         if self.max_image_side < 1:
             raise ValueError(f"max_image_side must be >= 1, got {self.max_image_side}")
-        TaskMixture(self.task_weights, self.seed)  # raises ValueError naming a bad task/weight
+        TaskMixture(self.task_weights, self.seed, self.caption_choice)  # ValueError naming a bad task/weight/choice
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -550,7 +551,7 @@ class _Decode:
 class _Tasks:
     def __init__(self, state: _State):
         self.state = state
-        self.mixture = TaskMixture(state.cfg.task_weights, state.cfg.seed)
+        self.mixture = TaskMixture(state.cfg.task_weights, state.cfg.seed, state.cfg.caption_choice)
 
     def __call__(self, src: Iterable) -> Iterator[TaskExample]:
         st = self.state

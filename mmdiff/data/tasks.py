@@ -137,9 +137,15 @@ class TaskMixture:
     """Pick a task per sample with the given weights, renormalised over the supported tasks.
 
     ``weights`` maps task name -> non-negative weight; tasks not named get weight 0.
+    ``caption_choice``: the caption task's target is a random one of the sample's captions
+    (``"random"``) or always the first, canonical one (``"canonical"``: one template to learn, so
+    parallel decoding cannot mix templates).  Text-to-image prompts stay random either way.
     """
 
-    def __init__(self, weights: Mapping[str, float], seed: int = 0):
+    def __init__(self, weights: Mapping[str, float], seed: int = 0, caption_choice: str = "random"):
+        if caption_choice not in ("random", "canonical"):
+            raise ValueError(f"caption_choice must be 'random' or 'canonical', got {caption_choice!r}")
+        self.caption_choice = caption_choice
         unknown = sorted(set(weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown task(s) {unknown} in task weights; valid tasks: {list(TASKS)}")
@@ -166,7 +172,8 @@ class TaskMixture:
         meta: dict = {"shard": getattr(sample, "shard", None)}
         image, prompt, target = sample.image, "", None
         if task == "caption":
-            target = rng.choice(_captions(sample))
+            caps = _captions(sample)
+            target = caps[0] if self.caption_choice == "canonical" else rng.choice(caps)
         elif task == "vqa":
             qa = rng.choice(_qa_pairs(sample))
             prompt, target = qa["question"], qa["answer"]
