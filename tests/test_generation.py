@@ -261,3 +261,33 @@ def test_missing_components_are_named(bundle, images):
     with pytest.raises(ValueError, match="vision encoder"):
         caption(no_vision, images[0])
     assert isinstance(generate_text(no_vision, "a red", gen_length=8, steps=8), TextResult)  # text still works
+
+
+def test_text_to_image_passes_code_slots_to_models_with_code_positions(bundle):
+    """A model with code position embeddings gets each code's grid slot at every sampler call
+    (with guidance: cond and uncond rows alike); zero embeddings change nothing."""
+    import copy
+
+    m = copy.deepcopy(bundle)
+    grid = bundle.processor.cfg.code_grid
+    m.model.code_position = torch.nn.Parameter(torch.zeros(grid[0] * grid[1], m.model.backbone.config.hidden_size))
+    seen = []
+    real_embed = m.model.embed
+
+    def spy(input_ids, *a, **kw):
+        idx = kw.get("image_code_index") if len(a) < 4 else a[3]
+        seen.append(None if idx is None else idx.clone())
+        return real_embed(input_ids, *a, **kw)
+
+    m.model.embed = spy
+    base = text_to_image(bundle, "a red circle", steps=4, generator=0)
+    zero = text_to_image(m, "a red circle", steps=4, generator=0)
+    assert torch.equal(base.codes, zero.codes)
+    assert seen and all(s is not None for s in seen)
+    idx = seen[0]
+    assert idx.shape[0] == 2  # guidance: cond + uncond rows in one pass
+    assert all(sorted(r[r >= 0].tolist()) == list(range(grid[0] * grid[1])) for r in idx)
+    with torch.no_grad():
+        m.model.code_position.normal_(0, 5.0)
+    moved = text_to_image(m, "a red circle", steps=4, generator=0)
+    assert not torch.equal(base.codes, moved.codes)

@@ -70,3 +70,56 @@ def test_projector_pooling_reduces_tokens():
 def test_vocab_mismatch_refused():
     with pytest.raises(ValueError, match="vocab_size"):
         MMDiffConfig(backbone=get_size("debug", vocab_size=61), text_vocab_size=50, codebook_size=10)
+
+
+def _positional_model(**kw):
+    torch.manual_seed(0)
+    v = VisionEncoder(tiny_vision_config("siglip"))
+    cfg = MMDiffConfig(backbone=get_size("debug", vocab_size=60), projector={"position_embedding": True},
+                       text_vocab_size=50, codebook_size=10, **kw)
+    return MMDiffForDiffusion(cfg, vision_encoder=v).eval()
+
+
+def test_projector_position_embedding_marks_each_image_token():
+    m = _positional_model()
+    assert m.projector.position.shape == (m.num_image_tokens, m.backbone.config.hidden_size)
+    pix = torch.zeros(1, 3, 32, 32)
+    feats = m.encode_images(pix)  # a blank image: without positions every token would be equal
+    plain = m.projector.mlp(m.vision.encode_images(pix))
+    torch.testing.assert_close(feats - plain, m.projector.position[None].detach())
+    assert torch.cdist(feats[0], feats[0]).fill_diagonal_(1.0).min() > 0.1  # tokens now differ
+
+
+def test_projector_output_rms_matches_the_embedding_scale():
+    torch.manual_seed(0)
+    v = VisionEncoder(tiny_vision_config("siglip"))
+    cfg = MMDiffConfig(backbone=get_size("debug", vocab_size=60), projector={"output_rms": 0.02},
+                       text_vocab_size=50, codebook_size=10)
+    m = MMDiffForDiffusion(cfg, vision_encoder=v).eval()
+    feats = m.encode_images(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(feats.pow(2).mean(-1).sqrt(), torch.full(feats.shape[:2], 0.02), rtol=1e-3, atol=1e-5)
+
+
+def test_code_index_and_code_position_embeddings(tmp_path):
+    from transformers import AutoModel
+
+    from mmdiff.models.unified import code_index
+
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert code_index(mask).tolist() == [[-1, 0, 1, 2, -1, -1], [-1, -1, -1, 0, 1, 2]]
+    m = _positional_model(code_positions=3)
+    ids = torch.randint(0, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    idx = code_index(mask)
+    emb = m.embed(ids, image_code_index=idx)
+    base = m.embed(ids)
+    diff = emb - base
+    assert torch.equal(diff[~mask], torch.zeros_like(diff[~mask]))  # other positions untouched
+    torch.testing.assert_close(diff[0, 1:4], m.code_position.detach())  # slot k gets embedding k
+    torch.testing.assert_close(diff[1, 3:6], m.code_position.detach())
+    # the logits depend on the slot, and save -> load keeps the table
+    assert not torch.allclose(m(ids, image_code_index=idx).logits, m(ids).logits)
+    m.save_pretrained(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(again(ids, image_code_index=idx).logits, m(ids, image_code_index=idx).logits)
+    with pytest.raises(ValueError, match="code position embeddings"):
+        m.embed(ids, image_code_index=idx + 5)

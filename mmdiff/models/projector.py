@@ -33,6 +33,17 @@ class ProjectorConfig:
     pool: int = 1  # 1 = no pooling; k = k x k average pool (grid side must be divisible by k)
     pool_mode: Literal["avg", "max"] = "avg"
     num_prefix_tokens: int = 0  # leading tokens (CLS) excluded from pooling
+    # A learned embedding per output token position, added to the projected features.  With RoPE
+    # only, an image token's *value* carries no position, so "where is the red circle?" can only
+    # be answered once the tower's own position signal survives; this hands it over explicitly.
+    position_embedding: bool = False
+    num_tokens: int = 0  # output tokens per image; set by the model that owns the projector
+    # > 0: each output token is RMS-normalised to this per-element RMS (no learned scale), e.g. the
+    # language model's embedding init std.  Raw tower features are ~100x larger than fresh token
+    # embeddings; in a pre-norm transformer that makes their gradients ~100x smaller (the norm
+    # divides by them) and the layers cannot update those positions, so a from-scratch model
+    # learns to read images very slowly.
+    output_rms: float = 0.0
 
     def validate(self) -> None:
         if self.vision_dim <= 0 or self.hidden_size <= 0:
@@ -41,6 +52,10 @@ class ProjectorConfig:
             raise ValueError(f"pool must be >= 1, got {self.pool}")
         if self.num_prefix_tokens < 0:
             raise ValueError("num_prefix_tokens must be >= 0")
+        if self.output_rms < 0:
+            raise ValueError(f"output_rms must be >= 0, got {self.output_rms}")
+        if self.num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {self.num_tokens}")
 
     def num_output_tokens(self, num_input_tokens: int) -> int:
         """Tokens out for ``num_input_tokens`` in (prefix + square grid)."""
@@ -70,6 +85,11 @@ class Projector(nn.Module):
             )
         else:
             self.mlp = nn.Linear(config.vision_dim, config.hidden_size)
+        self.position = None
+        if config.position_embedding and config.num_tokens <= 0:
+            raise ValueError("projector position_embedding needs num_tokens (output tokens per image) > 0")
+        if config.position_embedding:  # about as large as the projected features at initialisation
+            self.position = nn.Parameter(torch.randn(config.num_tokens, config.hidden_size) * 0.5)
 
     def pool_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(N, prefix + s*s, D_v) -> (N, prefix + (s/k)^2, D_v), row-major grid order kept."""
@@ -87,7 +107,14 @@ class Projector(nn.Module):
         return torch.cat([prefix, x], dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pool_tokens(features))  # (N, P', D)
+        x = self.mlp(self.pool_tokens(features))  # (N, P', D)
+        if self.position is not None:
+            if x.shape[1] != self.position.shape[0]:
+                raise ValueError(f"projector has {self.position.shape[0]} position embeddings, got {x.shape[1]} tokens")
+            x = x + self.position.to(x.dtype)
+        if self.config.output_rms > 0:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.config.output_rms
+        return x
 
 
 def build_projector(config: ProjectorConfig) -> Projector:

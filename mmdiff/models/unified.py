@@ -34,7 +34,7 @@ from mmdiff.models.backbone import MDiffConfig, MDiffModel, MDiffOutput
 from mmdiff.models.projector import Projector, ProjectorConfig
 from mmdiff.models.vision import VisionConfig, VisionEncoder
 
-__all__ = ["MMDiffConfig", "MMDiffForDiffusion", "portable_vision_config", "register_unified_auto_classes"]
+__all__ = ["MMDiffConfig", "MMDiffForDiffusion", "code_index", "portable_vision_config", "register_unified_auto_classes"]
 
 
 class MMDiffConfig(PreTrainedConfig):
@@ -51,6 +51,7 @@ class MMDiffConfig(PreTrainedConfig):
         special_tokens: dict | None = None,
         text_vocab_size: int = 0,
         codebook_size: int = 0,
+        code_positions: int = 0,
         **kwargs: Any,
     ):
         self.backbone = dict(backbone or {})
@@ -60,6 +61,9 @@ class MMDiffConfig(PreTrainedConfig):
         self.special_tokens = dict(special_tokens or {})
         self.text_vocab_size = int(text_vocab_size)
         self.codebook_size = int(codebook_size)
+        # > 0: a learned embedding per slot of the generated image's code grid (h * w), added to the
+        # token embeddings of code positions (see ``MMDiffForDiffusion.embed``)
+        self.code_positions = int(code_positions)
         super().__init__(**kwargs)
         if self.backbone and self.text_vocab_size:
             expected = self.text_vocab_size + self.codebook_size
@@ -105,9 +109,14 @@ class MMDiffForDiffusion(PreTrainedModel):
             pcfg = ProjectorConfig(**(config.projector or {}))
             pcfg = dataclasses.replace(pcfg, vision_dim=self.vision.hidden_size,
                                        hidden_size=self.backbone.config.hidden_size)
+            if pcfg.position_embedding:
+                pcfg = dataclasses.replace(pcfg, num_tokens=pcfg.num_output_tokens(self.vision.num_patches))
             self.projector = Projector(pcfg)
             config.vision = portable_vision_config(self.vision)
             config.projector = dataclasses.asdict(pcfg)
+        self.code_position: nn.Parameter | None = None
+        if getattr(config, "code_positions", 0) > 0:  # the scale of the token embeddings
+            self.code_position = nn.Parameter(torch.randn(config.code_positions, self.backbone.config.hidden_size) * 0.02)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:  # the parts initialise themselves
@@ -136,9 +145,23 @@ class MMDiffForDiffusion(PreTrainedModel):
         image_slots: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        image_code_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with vision features written into the image slots, in batch order."""
+        """Token embeddings with vision features written into the image slots, in batch order.
+
+        image_code_index: (B, L) long, the slot of each position in the generated image's code grid
+        (row-major, -1 elsewhere; ``code_index(image_code_mask)``); with ``config.code_positions`` the
+        slot's learned embedding is added there, so a masked code knows which cell it is.  RoPE alone
+        only gives attention *relative* offsets, which a small model turns into "row 2, column 5" slowly.
+        """
         emb = self.backbone.get_input_embeddings()(input_ids)  # (B, L, D)
+        if self.code_position is not None and image_code_index is not None:
+            n = self.code_position.shape[0]
+            if bool((image_code_index >= n).any()):
+                raise ValueError(f"image_code_index reaches {int(image_code_index.max())}, but the model has "
+                                 f"{n} code position embeddings (it was trained for another code grid)")
+            pos = self.code_position.to(emb.dtype)[image_code_index.clamp(min=0)]  # (B, L, D)
+            emb = emb + pos * (image_code_index >= 0).unsqueeze(-1).to(emb.dtype)
         if image_slots is None or not bool(image_slots.any()):
             return emb
         if image_features is None:
@@ -165,10 +188,11 @@ class MMDiffForDiffusion(PreTrainedModel):
         image_slots: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        image_code_index: torch.Tensor | None = None,
         **backbone_kwargs: Any,
     ) -> MDiffOutput:
         """``input_ids`` (B, L) -> logits (B, L, V_text + K).  Cache arguments pass to the backbone."""
-        inputs_embeds = self.embed(input_ids, image_slots, pixel_values, image_features)
+        inputs_embeds = self.embed(input_ids, image_slots, pixel_values, image_features, image_code_index)
         return self.backbone(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -176,6 +200,12 @@ class MMDiffForDiffusion(PreTrainedModel):
             prompt_mask=prompt_mask,
             **backbone_kwargs,
         )
+
+
+def code_index(image_code_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool code positions -> (B, L) long: 0, 1, ... along each row's codes, -1 elsewhere."""
+    m = image_code_mask.bool()
+    return torch.where(m, m.long().cumsum(-1) - 1, torch.full_like(m, -1, dtype=torch.long))
 
 
 _REGISTERED = False

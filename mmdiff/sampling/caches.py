@@ -86,8 +86,10 @@ class ModelRunner:
         image_features: Tensor | None = None,
         feature_rows: Tensor | None = None,
         attention_mode: str | None = None,
+        code_index: Tensor | None = None,
     ):
         self.model = model
+        self.code_index = code_index  # (R, L) long slot in the code grid, -1 elsewhere; None: not used
         self.attention_mask, self.prompt_mask = attention_mask, prompt_mask
         self.image_slots = image_slots if image_slots is not None and bool(image_slots.any()) else None
         self.image_features, self.feature_rows = image_features, feature_rows
@@ -142,6 +144,8 @@ class ModelRunner:
         if cache is not None or use_cache:
             kwargs.update(past_key_values=cache, use_cache=use_cache, cache_position=s0)
         kwargs.update(self._image_kwargs(s0, end))
+        if self.code_index is not None:
+            kwargs["image_code_index"] = self.code_index[:, s0:end]
         out = self.model(input_ids=ids[:, s0:end], **kwargs)
         self.nfe += 1
         self.query_tokens += ids.shape[0] * (end - s0)

@@ -469,8 +469,14 @@ class Sampler:
             feature_rows = torch.full((slots.shape[0],), -1, dtype=torch.long, device=slots.device)
             feature_rows[has] = torch.arange(int(has.sum()), device=slots.device)
         am, pm = b["attention_mask"], b["prompt_mask"]
+        codes = None
+        if getattr(model, "code_position", None) is not None and bool(b["image_code_mask"].any()):
+            from mmdiff.models.unified import code_index
+
+            codes = code_index(b["image_code_mask"])  # (B, L); guidance rows keep the code layout
         if plan is not None:
             u = plan.uncond
+            codes = None if codes is None else torch.cat([codes, codes])
             if bool(u.image_slots.any()) and features is None:
                 raise ValueError("unconditional rows have image slots but the batch has no image")
             am, pm = torch.cat([am, u.attention_mask]), torch.cat([pm, u.prompt_mask])
@@ -478,7 +484,7 @@ class Sampler:
             if feature_rows is not None:
                 u_rows = torch.where(u.image_slots.any(-1), feature_rows, torch.full_like(feature_rows, -1))
                 feature_rows = torch.cat([feature_rows, u_rows])
-        return ModelRunner(model, am, pm, slots, features, feature_rows, self.cfg.attention_mode)
+        return ModelRunner(model, am, pm, slots, features, feature_rows, self.cfg.attention_mode, codes)
 
 
 def build_sampler(cfg: SamplerConfig | None = None, **overrides) -> Sampler:

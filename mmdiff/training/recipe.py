@@ -55,6 +55,8 @@ class ModelRecipe:
     init_from_causal_lm: str | None = None  # local LLaMA/Qwen2 directory (AR init; its shape replaces `size`)
     add_missing_special_tokens: bool = False  # add special tokens absent from a real LM's tokenizer
     gradient_checkpointing: bool = False
+    # a learned embedding per slot of the generated image's code grid (MMDiffForDiffusion.embed)
+    code_position_embedding: bool = False
 
     def validate(self) -> None:
         if not self.tokenizer:
@@ -72,6 +74,7 @@ class DataRecipe:
     seed: int = 0
     max_bad_fraction: float = 0.05
     group_by_task: bool = False  # one task per batch: short-answer batches are not padded to t2i length
+    caption_choice: Literal["random", "canonical"] = "random"  # caption target: any template / the canonical one
 
     def validate(self) -> None:
         if not self.shards:
@@ -179,9 +182,16 @@ class UnifiedLoss:
         self.objective.set_step(step)
         b = {k: batch[k] for k in (*self.BATCH_KEYS, *self.MODEL_KEYS) if batch.get(k) is not None}
 
-        def model_fn(ids, attention_mask, attention_mode, prompt_mask, image_slots=None, pixel_values=None, **_):
+        if batch.get("image_code_mask") is not None:  # an extra the objective passes through (and doubles)
+            from mmdiff.models.unified import code_index
+
+            b["image_code_index"] = code_index(batch["image_code_mask"])
+
+        def model_fn(ids, attention_mask, attention_mode, prompt_mask, image_slots=None, pixel_values=None,
+                     image_code_index=None, **_):
             return model(input_ids=ids, attention_mask=attention_mask, attention_mode=attention_mode,
-                         prompt_mask=prompt_mask, image_slots=image_slots, pixel_values=pixel_values).logits
+                         prompt_mask=prompt_mask, image_slots=image_slots, pixel_values=pixel_values,
+                         image_code_index=image_code_index).logits
 
         out = self.objective(model_fn, b, generator)
         metrics = dict(out.metrics)
@@ -239,7 +249,8 @@ def _build_model(recipe: Recipe, text_vocab: int, codebook: int, proc_cfg: Proce
     vision = build_vision_encoder(m.vision) if m.vision is not None else None
     cfg = MMDiffConfig(backbone=backbone, projector=dataclasses.asdict(m.projector),
                        special_tokens=dataclasses.asdict(special), text_vocab_size=text_vocab,
-                       codebook_size=codebook)
+                       codebook_size=codebook,
+                       code_positions=proc_cfg.code_grid[0] * proc_cfg.code_grid[1] if m.code_position_embedding else 0)
     model = MMDiffForDiffusion(cfg, vision_encoder=vision)
     if lm is not None:  # AR initialisation: the LM's weights, its vocabulary grown by specials + codebook
         lm.resize_token_embeddings(vocab)
@@ -295,7 +306,8 @@ class PipelineSource:
         cfg = PipelineConfig(shards=list(d.shards), batch_size=self.micro_batch, shuffle_buffer=d.shuffle_buffer,
                              num_workers=d.num_workers, resampled=True, seed=d.seed, epoch=epoch,
                              max_bad_fraction=d.max_bad_fraction, task_weights=dict(d.task_weights),
-                             max_length=self.recipe.model.max_length, group_by_task=d.group_by_task)
+                             max_length=self.recipe.model.max_length, group_by_task=d.group_by_task,
+                             caption_choice=d.caption_choice)
         self._loader = build_dataloader(cfg, self.encoder, transform=_Identity(), pad_id=self.encoder.pad_id,
                                         rank=rank, world_size=world_size)
         return self._loader
