@@ -16,11 +16,17 @@ own checkpoints (resumable).  Stage results flow into later stages through the m
 
 The unified stages run the same recipe files a user would, with this run's paths as
 ``key=value`` overrides (recorded in their markers).  All budgets live in ``QuickstartSizes``.
+
+The machine has two cores and every stage runs single-threaded, so independent work runs side by
+side: stages 03 and 04 in two processes (``run_parallel``), stage 06 data-parallel in two
+``torchrun`` processes, and stage 07 as two halves of the evaluations.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -49,17 +55,18 @@ class QuickstartSizes:
     vq_minutes: float = 3.0
     vision_minutes: float = 1.5
     stage1_steps: int = 40
-    stage2_steps: int = 330  # ~1.7 s a step on one core
+    stage2_steps: int = 650  # ~1.15 s a step in two processes (one task per batch: ranks wait for the slower)
     batch_size: int = 16
     eval_limit: int = 64  # test scenes for vqa (~10 questions each, fast), caption, describe (~0.7 s each)
     t2i_limit: int = 24  # test / heldout prompts for text-to-image (~3.3 s each)
     recon_images: int = 500  # test images for VQ reconstruction metrics
+    processes: int = 2  # data-parallel CPU processes for unified stage 2 (one per core)
     reduced_mode: bool = False
 
     @classmethod
     def reduced(cls) -> "QuickstartSizes":
         return cls(train=400, val=50, test=100, heldout=50, stage1_steps=2, stage2_steps=4, batch_size=4,
-                   eval_limit=4, t2i_limit=2, recon_images=50, reduced_mode=True)
+                   eval_limit=4, t2i_limit=2, recon_images=50, processes=2, reduced_mode=True)
 
 
 # torch intra-op threads.  One, although the machine has 2 cores: measured on the quickstart
@@ -103,6 +110,42 @@ def run_stage(out: Path, name: str, fn: Callable[[Path], dict]) -> dict:
     tmp.replace(marker)
     _log(f"{name}: finished in {result['wall_seconds']:.1f} s")
     return result
+
+
+def _read_marker(out: Path, name: str) -> dict:
+    return json.loads((out / name / "stage.json").read_text())
+
+
+def run_parallel(out: Path, jobs: list[tuple[str, Callable[[Path], dict]]]) -> dict[str, dict]:
+    """Run independent stages at once: the first here, each other one in a forked process.
+
+    The machine has 2 cores and every stage runs on one thread, so two stages side by side take
+    the time of the longer one.  Children report through their ``stage.json`` markers only; a
+    child that fails stops the run with its stage named (a re-run resumes it).
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the stage functions are closures: fork needs no pickling
+    children = []
+    for name, fn in jobs[1:]:
+        if not (out / name / "stage.json").is_file():
+            proc = ctx.Process(target=run_stage, args=(out, name, fn), name=f"stage-{name}", daemon=False)
+            proc.start()
+            children.append((name, proc))
+    try:
+        results = {jobs[0][0]: run_stage(out, *jobs[0])}
+    except BaseException:
+        for _, proc in children:
+            proc.terminate()
+        raise
+    for name, proc in children:
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"quickstart stage {name} failed in its own process (exit code {proc.exitcode}); "
+                               "its traceback is above; re-run to resume")
+    for name, _ in jobs[1:]:
+        results[name] = _read_marker(out, name)
+    return results
 
 
 def _stage_data(sizes: QuickstartSizes) -> Callable[[Path], dict]:
@@ -197,14 +240,35 @@ def _stage_vision(data: dict, tok: dict, sizes: QuickstartSizes) -> Callable[[Pa
     return fn
 
 
-def _stage_unified(recipe_path: Path, overrides: list[str]) -> Callable[[Path], dict]:
+def _stage_unified(recipe_path: Path, overrides: list[str], processes: int = 1) -> Callable[[Path], dict]:
+    """Train a recipe: in this process, or data-parallel in ``processes`` CPU processes (torchrun).
+
+    On the 2-core quickstart machine two single-threaded processes do twice the matmul work of one
+    (measured: ~50 GFLOP/s each side by side), while a second torch thread in one process adds
+    little for a model this small; the recipe's global batch is split across the processes.
+    """
+
     def fn(d: Path) -> dict:
         from mmdiff.training.recipe import load_recipe, run_recipe
 
-        recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir={d / 'run'}"])
-        r = run_recipe(recipe)
+        ovr = [*overrides, f"train.output_dir={d / 'run'}"]
+        load_recipe(recipe_path, ovr)  # a bad recipe fails here, before any process starts
+        if processes > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "mmdiff.cli", "train", "--config", str(recipe_path), *ovr,
+                   "train.ddp_find_unused_parameters=true"]  # one task per batch: ranks may skip the tower
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            done = subprocess.run(cmd, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"training {recipe_path.name} in {processes} processes failed "
+                                   f"(exit code {done.returncode}); re-run to resume from its last checkpoint")
+            history = json.loads((d / "run" / "history.json").read_text())
+            r = {"model_dir": str(d / "run" / "model"), "step": history[-1]["step"] if history else 0,
+                 "loss": history[-1]["loss"] if history else None}
+        else:
+            r = run_recipe(load_recipe(recipe_path, ovr))
         return {"model_dir": r["model_dir"], "history": str(d / "run" / "history.json"), "step": r["step"],
-                "loss": r["loss"], "recipe": str(recipe_path), "overrides": overrides}
+                "loss": r["loss"], "recipe": str(recipe_path), "overrides": overrides, "processes": processes}
 
     return fn
 
@@ -285,16 +349,31 @@ def _stage_eval(data: dict, vq: dict, model_dir: str, sizes: QuickstartSizes) ->
 
         shapes = Path(data["shapes"])
         bundle = load_bundle(model_dir)
-        out: dict = {"metrics": {}, "dirs": {}}
-        for split, task in EVALS:
+
+        def evaluate(split: str, task: str) -> dict:
             limit = sizes.t2i_limit if task == "t2i" else sizes.eval_limit
             overrides = []
             if sizes.reduced_mode:
                 overrides = ["steps=4"] if task == "t2i" else (["steps=10"] if task in ("caption", "describe") else [])
+            return run_eval(bundle, task, shapes / split, d / f"{split}-{task}", overrides=overrides, limit=limit,
+                            batch_size=16 if task == "t2i" else 32)
+
+        # Two halves of similar cost side by side (one core each); the forked half reports through the
+        # metrics.json files run_eval writes, and an interrupted half resumes from its predictions.
+        halves = [EVALS[0::2], EVALS[1::2]]
+        def part(evals: list[tuple[str, str]]) -> Callable[[Path], dict]:
+            def run(_: Path) -> dict:
+                for split, task in evals:
+                    evaluate(split, task)
+                return {"evaluated": [f"{split}-{task}" for split, task in evals]}
+
+            return run
+
+        run_parallel(d, [(f"eval-part{i}", part(h)) for i, h in enumerate(halves)])
+        out: dict = {"metrics": {}, "dirs": {}}
+        for split, task in EVALS:
             name = f"{split}-{task}"
-            m = run_eval(bundle, task, shapes / split, d / name, overrides=overrides, limit=limit,
-                         batch_size=16 if task == "t2i" else 32)
-            out["metrics"][name] = m
+            out["metrics"][name] = json.loads((d / name / "metrics.json").read_text())
             out["dirs"][name] = str(d / name)
         out["metrics"]["vq-recon"] = _vq_recon(vq["vq_dir"], shapes / "test", sizes.recon_images)
         m = out["metrics"]
@@ -399,8 +478,11 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
     stages: dict[str, dict] = {}
     stages["01-data"] = data = run_stage(out, "01-data", _stage_data(sizes))
     stages["02-text-tokenizer"] = tok = run_stage(out, "02-text-tokenizer", _stage_text_tokenizer(data, sizes))
-    stages["03-vq-tokenizer"] = vq = run_stage(out, "03-vq-tokenizer", _stage_vq(data, sizes))
-    stages["04-vision-tower"] = vision = run_stage(out, "04-vision-tower", _stage_vision(data, tok, sizes))
+    # the VQ tokenizer and the vision tower do not depend on each other: one core each
+    both = run_parallel(out, [("04-vision-tower", _stage_vision(data, tok, sizes)),
+                              ("03-vq-tokenizer", _stage_vq(data, sizes))])
+    stages["03-vq-tokenizer"] = vq = both["03-vq-tokenizer"]
+    stages["04-vision-tower"] = vision = both["04-vision-tower"]
     common = _unified_overrides(data, vq, vision, sizes)
     s1 = [f"model.tokenizer={tok['tokenizer_dir']}", f"train.max_steps={sizes.stage1_steps}", *common]
     if reduced:
@@ -409,7 +491,8 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
     m1 = st1["model_dir"]
     s2 = [f"model.size={m1}", f"model.tokenizer={m1}", f"train.init_from={m1}",
           f"train.max_steps={sizes.stage2_steps}", *common]
-    stages["06-unified-stage2"] = st2 = run_stage(out, "06-unified-stage2", _stage_unified(STAGE2_RECIPE, s2))
+    stages["06-unified-stage2"] = st2 = run_stage(out, "06-unified-stage2",
+                                                  _stage_unified(STAGE2_RECIPE, s2, sizes.processes))
     stages["07-eval"] = ev = run_stage(out, "07-eval", _stage_eval(data, vq, st2["model_dir"], sizes))
     stages["08-report"] = rep = run_stage(out, "08-report", _stage_report(out, dict(stages), ev, data))
     print(_summary_table(stages, ev["headline"]), file=sys.stderr, flush=True)
