@@ -35,6 +35,12 @@ def test_every_stage_ran_and_left_a_marker(first_run):
     for name in STAGES:
         marker = json.loads((out / name / "stage.json").read_text())
         assert marker["wall_seconds"] >= 0
+    # the parallel paths ran: stage 2 in two torchrun processes, the eval in two forked halves
+    stage2 = json.loads((out / "06-unified-stage2" / "stage.json").read_text())
+    assert stage2["processes"] == 2 and Path(stage2["model_dir"], "config.json").is_file()
+    halves = [json.loads((out / "07-eval" / f"eval-part{i}" / "stage.json").read_text()) for i in (0, 1)]
+    assert sorted(sum((h["evaluated"] for h in halves), [])) == sorted(
+        ["test-vqa", "test-caption", "test-describe", "test-t2i", "heldout-t2i"])
 
 
 def test_headline_metrics_are_present_and_sane(first_run):
