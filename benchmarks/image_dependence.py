@@ -3,7 +3,8 @@
     python benchmarks/image_dependence.py --model runs/x/model --data DATA/shapes/test [--samples 256] [--json]
 
 For each of ``--samples`` test scenes one VQA pair (its first question) is encoded as in
-training with EVERY answer token masked; the mean answer-token NLL is computed three times:
+training with EVERY answer token masked; the mean NLL of the answer's own tokens (not its EOS
+padding) is computed three times:
 with the scene's own image, with the images rolled by one row (every row sees another scene),
 and with a blank (all-black) image.  A model that uses the image has ``right`` clearly below
 ``shuffled``; ``gap = shuffled - right`` is the number to watch while changing a recipe (it is
@@ -56,12 +57,15 @@ def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_s
             pix = torch.stack(images[i:i + batch_size])
             target = batch["target_mask"] & batch["attention_mask"]
             ids = batch["input_ids"].masked_fill(target, proc.mask_id)
+            # scored: the answer's own tokens (its EOS padding is the same for every image)
+            filler = torch.tensor([proc.ids["eos"], proc.ids["pad"]])
+            scored = target & ~torch.isin(batch["input_ids"], filler)
             for name, pv in (("right", pix), ("shuffled", pix.roll(1, 0)), ("blank", torch.full_like(pix, pix.min()))):
                 logits = m(input_ids=ids, attention_mask=batch["attention_mask"], image_slots=batch["image_slots"],
                            pixel_values=pv).logits.float()
                 nll = -torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][..., None])[..., 0]
-                sums[name] += float(nll[target].sum())
-            count += int(target.sum())
+                sums[name] += float(nll[scored].sum())
+            count += int(scored.sum())
             feats.append(m.encode_images(pix))
     f = torch.cat(feats)  # (N, P, D)
     centred = f - f.mean(0, keepdim=True)
