@@ -361,6 +361,7 @@ def _stage_eval(data: dict, vq: dict, model_dir: str, sizes: QuickstartSizes) ->
         # Two halves of similar cost side by side (one core each); the forked half reports through the
         # metrics.json files run_eval writes, and an interrupted half resumes from its predictions.
         halves = [EVALS[0::2], EVALS[1::2]]
+
         def part(evals: list[tuple[str, str]]) -> Callable[[Path], dict]:
             def run(_: Path) -> dict:
                 for split, task in evals:
