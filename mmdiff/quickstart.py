@@ -92,12 +92,16 @@ def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
 
 
+def _read_marker(out: Path, name: str) -> dict:
+    return json.loads((out / name / "stage.json").read_text())
+
+
 def run_stage(out: Path, name: str, fn: Callable[[Path], dict]) -> dict:
     """Run ``fn(stage_dir)`` unless ``stage_dir/stage.json`` says it already finished."""
     stage_dir = out / name
     marker = stage_dir / "stage.json"
     if marker.is_file():
-        result = json.loads(marker.read_text())
+        result = _read_marker(out, name)
         _log(f"{name}: done earlier ({result['wall_seconds']:.1f} s), reused")
         return result
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -110,10 +114,6 @@ def run_stage(out: Path, name: str, fn: Callable[[Path], dict]) -> dict:
     tmp.replace(marker)
     _log(f"{name}: finished in {result['wall_seconds']:.1f} s")
     return result
-
-
-def _read_marker(out: Path, name: str) -> dict:
-    return json.loads((out / name / "stage.json").read_text())
 
 
 def run_parallel(out: Path, jobs: list[tuple[str, Callable[[Path], dict]]]) -> dict[str, dict]:
@@ -252,7 +252,7 @@ def _stage_unified(recipe_path: Path, overrides: list[str], processes: int = 1) 
         from mmdiff.training.recipe import load_recipe, run_recipe
 
         ovr = [*overrides, f"train.output_dir={d / 'run'}"]
-        load_recipe(recipe_path, ovr)  # a bad recipe fails here, before any process starts
+        recipe = load_recipe(recipe_path, ovr)  # a bad recipe fails here, before any process starts
         if processes > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    "-m", "mmdiff.cli", "train", "--config", str(recipe_path), *ovr,
@@ -266,7 +266,7 @@ def _stage_unified(recipe_path: Path, overrides: list[str], processes: int = 1) 
             r = {"model_dir": str(d / "run" / "model"), "step": history[-1]["step"] if history else 0,
                  "loss": history[-1]["loss"] if history else None}
         else:
-            r = run_recipe(load_recipe(recipe_path, ovr))
+            r = run_recipe(recipe)
         return {"model_dir": r["model_dir"], "history": str(d / "run" / "history.json"), "step": r["step"],
                 "loss": r["loss"], "recipe": str(recipe_path), "overrides": overrides, "processes": processes}
 
