@@ -502,3 +502,50 @@ def test_group_by_task_batches_hold_one_task(shard_dir, packing):
     assert Counter(k for b in batches for k in b["keys"]) == Counter(keys)  # none lost, none doubled
     again = list(build_dataloader(cfg, simple_encode, pad_id=0))
     assert [b["keys"] for b in again] == [b["keys"] for b in batches]  # deterministic
+
+
+def _task_sequence(cfg, rank, world_size, n):
+    it = iter(build_dataloader(cfg, simple_encode, pad_id=0, rank=rank, world_size=world_size))
+    return [next(it)["tasks"] for _ in range(n)]
+
+
+def test_shared_task_order_is_the_same_on_every_rank(shard_dir):
+    d, _ = shard_dir
+    weights = {"caption": 1.0, "vqa": 2.0, "describe": 1.0}
+    shared = cfg_for(d, resampled=True, group_by_task=True, task_order="shared", task_weights=weights)
+    r0, r1 = (_task_sequence(shared, r, 2, 24) for r in (0, 1))
+    assert all(len(set(t)) == 1 for t in r0 + r1)  # still one task per batch
+    assert [t[0] for t in r0] == [t[0] for t in r1]  # same task at every step on both ranks
+    assert len({t[0] for t in r0}) == 3
+    stream = cfg_for(d, resampled=True, group_by_task=True, task_weights=weights)
+    s0, s1 = (_task_sequence(stream, r, 2, 24) for r in (0, 1))
+    assert [t[0] for t in s0] != [t[0] for t in s1]  # what "shared" fixes: ranks drift apart
+
+
+def test_shared_task_order_finite_pass_keeps_every_sample(shard_dir):
+    d, keys = shard_dir
+    cfg = cfg_for(d, group_by_task=True, task_order="shared",
+                  task_weights={"caption": 1.0, "vqa": 1.0, "describe": 1.0})
+    batches = list(build_dataloader(cfg, simple_encode, pad_id=0))
+    assert all(len(set(b["tasks"])) == 1 for b in batches)
+    assert Counter(k for b in batches for k in b["keys"]) == Counter(keys)  # none lost, none doubled
+    assert [b["keys"] for b in build_dataloader(cfg, simple_encode, pad_id=0)] == [b["keys"] for b in batches]
+
+
+def test_shared_task_order_does_not_wait_for_a_task_the_stream_lacks(shard_dir, monkeypatch):
+    d, _ = shard_dir
+    # every sample becomes a caption while the order still draws vqa half the time
+    from mmdiff.data import tasks as tasks_mod
+
+    monkeypatch.setattr(tasks_mod.TaskMixture, "choose_task", lambda self, sample, rng: "caption")
+    cfg = cfg_for(d, resampled=True, group_by_task=True, task_order="shared",
+                  task_weights={"caption": 1.0, "vqa": 1.0})
+    seq = _task_sequence(cfg, 0, 1, 30)
+    assert all(t == ["caption"] * 4 for t in seq)  # never hangs on the missing vqa batches
+
+
+def test_shared_task_order_config_checks():
+    with pytest.raises(ValueError, match="group_by_task"):
+        PipelineConfig(shards=["x"], task_order="shared").validate()
+    with pytest.raises(ValueError, match="task_order"):
+        PipelineConfig(shards=["x"], group_by_task=True, task_order="random").validate()

@@ -138,6 +138,11 @@ class PipelineConfig:
     pad_to: Literal["longest", "max_length"] = "longest"
     packing: bool = False
     group_by_task: bool = False  # each batch holds one task (per-task buffers): no padding to t2i length
+    # with group_by_task: "stream" emits whichever task's buffer fills first; "shared" draws the
+    # task of the k-th batch from a generator that ignores the rank (seed, epoch, worker, k), so
+    # every data-parallel rank works on the same task at the same step (a rank with a short VQA
+    # batch does not wait for another's long t2i batch).
+    task_order: Literal["stream", "shared"] = "stream"
     # default TextEncoder layout
     image_slots: int = 16  # vision placeholders between image_start/image_end for input images
     image_code_slots: int = 64  # placeholders for a t2i target image's VQ codes
@@ -161,6 +166,10 @@ class PipelineConfig:
         if self.max_image_side < 1:
             raise ValueError(f"max_image_side must be >= 1, got {self.max_image_side}")
         TaskMixture(self.task_weights, self.seed, self.caption_choice)  # ValueError naming a bad task/weight/choice
+        if self.task_order not in ("stream", "shared"):
+            raise ValueError(f"task_order must be 'stream' or 'shared', got {self.task_order!r}")
+        if self.task_order == "shared" and (not self.group_by_task or self.packing):
+            raise ValueError("task_order='shared' needs group_by_task=true and packing=false")
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -619,8 +628,63 @@ class _Batch:
         batch["_stats"] = self.state.delta()
         return batch
 
+    # shared task order: a task whose batch cannot be filled within this many examples (it is
+    # rare or absent in the stream) gives way to the fullest buffer for that batch.
+    SHARED_PATIENCE = 64
+
+    def _shared(self, src: Iterable[dict]) -> Iterator[dict]:
+        cfg, st = self.state.cfg, self.state
+        weights = {t: w for t, w in cfg.task_weights.items() if w > 0}
+        tasks = sorted(weights)
+        wid, _ = _worker()
+        rng = random.Random(_seed("task-order", cfg.seed, st.epoch, wid))
+        buffers: dict[str, list[dict]] = {}
+        starved: set[str] = set()  # drawn tasks the stream did not supply in time: skip waiting for them
+        it = iter(src)
+        done = False
+        while True:
+            want = rng.choices(tasks, weights=[weights[t] for t in tasks], k=1)[0]
+            read = 0
+            while not done and len(buffers.get(want, ())) < cfg.batch_size:
+                if want in starved or read >= self.SHARED_PATIENCE * cfg.batch_size:
+                    full = [t for t, b in buffers.items() if len(b) >= cfg.batch_size]
+                    if full:
+                        starved.add(want)
+                        want = max(full, key=lambda t: len(buffers[t]))
+                        break
+                try:
+                    enc = next(it)
+                except StopIteration:
+                    done = True
+                    break
+                buffers.setdefault(enc["task"], []).append(enc)
+                read += 1
+            buf = buffers.get(want, [])
+            if len(buf) >= cfg.batch_size:
+                starved.discard(want)
+                rows = [[e] for e in buf[:cfg.batch_size]]
+                del buf[:cfg.batch_size]
+                yield self._emit(rows)
+                continue
+            if done:
+                break
+        for t in tasks + sorted(set(buffers) - set(tasks)):  # end of a finite pass: full batches, then the rest
+            buf = buffers.get(t, [])
+            while buf:
+                rows = [[e] for e in buf[:cfg.batch_size]]
+                del buf[:cfg.batch_size]
+                if cfg.drop_last and not cfg.resampled and len(rows) < cfg.batch_size:
+                    continue
+                yield self._emit(rows)
+        tail = self.state.delta()
+        if tail is not None:
+            yield {"_stats": tail}
+
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         cfg = self.state.cfg
+        if cfg.task_order == "shared" and cfg.group_by_task and not cfg.packing:
+            yield from self._shared(src)
+            return
         # one (rows, used) buffer per group: the task with group_by_task, else a single group.
         # Groups are flushed in order of first appearance, so the stream stays deterministic.
         groups: dict[str | None, tuple[list[list[dict]], list[int]]] = {}

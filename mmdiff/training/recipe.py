@@ -74,6 +74,8 @@ class DataRecipe:
     seed: int = 0
     max_bad_fraction: float = 0.05
     group_by_task: bool = False  # one task per batch: short-answer batches are not padded to t2i length
+    # with group_by_task, "shared": every data-parallel rank draws the same task at the same step
+    task_order: Literal["stream", "shared"] = "stream"
     caption_choice: Literal["random", "canonical"] = "random"  # caption target: any template / the canonical one
 
     def validate(self) -> None:
@@ -307,7 +309,7 @@ class PipelineSource:
                              num_workers=d.num_workers, resampled=True, seed=d.seed, epoch=epoch,
                              max_bad_fraction=d.max_bad_fraction, task_weights=dict(d.task_weights),
                              max_length=self.recipe.model.max_length, group_by_task=d.group_by_task,
-                             caption_choice=d.caption_choice)
+                             task_order=d.task_order, caption_choice=d.caption_choice)
         self._loader = build_dataloader(cfg, self.encoder, transform=_Identity(), pad_id=self.encoder.pad_id,
                                         rank=rank, world_size=world_size)
         return self._loader
