@@ -291,6 +291,24 @@ def test_min_mask_ratio():
     assert torch.equal(out.supervised, batch["target_mask"])
 
 
+def test_task_min_mask_ratio_hides_one_task_completely():
+    """{vqa: 1.0}: every target of a vqa row is masked at every draw; other rows keep t ~ U(0, 1)."""
+    batch = make_batch()
+    batch["task_ids"] = torch.tensor([0, 1, 0])  # task_names below: caption, vqa
+    cfg = from_dict(ObjectiveConfig, {"task_names": ["caption", "vqa"], "task_min_mask_ratio": {"vqa": 1.0}})
+    obj = build_objective(cfg, mask_token_id=MASK)
+    partial = 0
+    for seed in range(8):
+        out, _ = run(obj, batch, seed)
+        assert torch.equal(out.supervised[1], batch["target_mask"][1])  # the vqa row: all hidden
+        partial += int(not torch.equal(out.supervised[0], batch["target_mask"][0]))
+    assert partial > 0  # caption rows are still partly masked
+    for bad in ({"task_names": ["caption"], "task_min_mask_ratio": {"vqa": 1.0}},
+                {"task_names": ["vqa"], "task_min_mask_ratio": {"vqa": 1.5}}):
+        with pytest.raises(ConfigError, match="task_min_mask_ratio"):
+            from_dict(ObjectiveConfig, bad)
+
+
 def test_objective_schedule_switches_from_ar_to_diffusion():
     batch = make_batch()
     cfg = from_dict(ObjectiveConfig, {"name": "ar_then_diffusion", "switch_step": 100, "normalize": "token"})

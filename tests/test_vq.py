@@ -281,3 +281,51 @@ def test_random_crops_are_aligned_and_train():
     assert trainer.fit(scenes(8))["steps"] == 3
     with pytest.raises(ValueError):
         VQTrainer(tok, VQTrainConfig(crop_size=7))._crop(x, torch.Generator())
+
+
+# ------------------------------------------------------------------------------ tiles
+def test_tiled_tokenizer_codes_each_tile_on_its_own(tmp_path):
+    """tile_size: a 24-px image is nine 8-px tiles; each tile's codes and pixels are exactly those
+    of the tile encoded/decoded alone (one code per tile with downsample 8)."""
+    cfg = tiny_config(image_size=24, tile_size=8, block_out_channels=[8, 8, 8, 8])
+    tok = VQTokenizer(cfg).eval()
+    assert tok.grid_size(24) == (3, 3) and tok.model.config.sample_size == 8
+    x = scenes(2, size=24, seed=3).float() / 255
+    codes = tok.encode_to_codes(x)
+    assert codes.shape == (2, 3, 3)
+    recon = tok.decode_codes(codes)
+    assert recon.shape == (2, 3, 24, 24)
+    for i in range(2):
+        for r in range(3):
+            for c in range(3):
+                tile = x[i:i + 1, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8]
+                z = tok.model.encode(tile * 2 - 1).latents
+                _, alone = tok.quantize(torch.nn.functional.normalize(z, dim=1))
+                assert alone.item() == codes[i, r, c].item()
+                one = tok.decode_latents(tok.lookup(alone))
+                assert torch.allclose(((one + 1) / 2).clamp(0, 1), recon[i:i + 1, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8],
+                                      atol=1e-5)
+    # changing one tile's pixels changes only that tile's code
+    y = x.clone()
+    y[0, :, 8:16, 8:16] = torch.rand(3, 8, 8)
+    diff = tok.encode_to_codes(y) != codes
+    assert not diff[0].flatten()[[0, 1, 2, 3, 5, 6, 7, 8]].any() and not diff[1].any()
+    tok.save_pretrained(tmp_path)
+    loaded = VQTokenizer.from_pretrained(tmp_path).eval()
+    assert loaded.config.tile_size == 8 and torch.equal(loaded.encode_to_codes(x), codes)
+
+
+def test_tiled_config_validation_and_trainer():
+    with pytest.raises(ValueError, match="tile_size"):
+        tiny_config(image_size=24, tile_size=7).validate()
+    with pytest.raises(ValueError, match="tile_size"):
+        tiny_config(image_size=24, tile_size=4, block_out_channels=[8, 8, 8, 8]).validate()  # tile < downsample 8
+    tok = VQTokenizer(tiny_config(image_size=24, tile_size=8, block_out_channels=[8, 8, 8, 8]))
+    x = scenes(32, size=24).float() / 255
+    t = VQTrainer(tok, VQTrainConfig(steps=30, batch_size=8, crop_size=8, lr=3e-3, log_every=0))
+    crop = t._crop(x[:4], torch.Generator().manual_seed(0))
+    assert crop.shape == (4, 3, 8, 8)
+    assert any(torch.equal(crop[0], x[0, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8]) for r in range(3) for c in range(3))
+    first = t.loss(x[:8])[1]["rec"]
+    t.fit(x)
+    assert t.loss(x[:8])[1]["rec"] < first

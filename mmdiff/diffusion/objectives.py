@@ -38,7 +38,11 @@ image slots and ``keep_token_ids`` — role/special tokens) are replaced by the 
 unconditional branch) or hidden from attention (an empty prompt); ``min_mask_ratio``;
 ``ensure_masked`` (≥ 1 masked target per sample); ``logits_are_shifted`` (Dream-style models:
 position i's logits predict token i+1, so token j is scored with logits[j−1] and position 0 is
-never masked); ``token_reweighting`` (MGDM-style, see the classes below).
+never masked); ``token_reweighting`` (MGDM-style, see the classes below);
+``task_min_mask_ratio`` (name -> floor, per sample by ``task_ids``): e.g. ``{vqa: 1.0}`` hides
+every answer token of a VQA sample while captions keep t ~ U(0, 1) — a short answer that is
+partly visible can be copied from its own tokens, one that is wholly hidden can only be read
+from the image (the dense grounding signal; BENCHMARKS.md).
 
 Autoregressive: causal attention, next-token cross-entropy on target positions (logits[j−1]
 predict token j), same normalisation options.  ``ObjectiveSchedule`` switches objectives at
@@ -350,6 +354,7 @@ class MaskedDiffusionObjective(Objective):
         image_region_prob: float = 0.0,
         image_grid: tuple[int, int] | None = None,
         task_weights: TaskWeights | None = None,
+        task_min_mask_ratio: Tensor | None = None,
     ):
         if weighting not in ("schedule", "uniform"):
             raise ValueError(f"weighting must be 'schedule' or 'uniform', got {weighting!r}")
@@ -369,11 +374,16 @@ class MaskedDiffusionObjective(Objective):
         self.logits_are_shifted = logits_are_shifted
         self.image_region_prob, self.image_grid = float(image_region_prob), image_grid
         self.task_weights = task_weights or TaskWeights()
+        # (num_tasks,) floor per task id, or None
+        self.task_min_mask_ratio = None if task_min_mask_ratio is None else task_min_mask_ratio.float()
 
     # --- masking ---------------------------------------------------------------------------
-    def mask_probs(self, t: Tensor, image_codes: Tensor) -> Tensor:
+    def mask_probs(self, t: Tensor, image_codes: Tensor, task_ids: Tensor | None = None) -> Tensor:
         """Per-token masking probability (B, L): text schedule, or image schedule on codes."""
-        p_text = self.schedule.mask_prob(t).float().clamp(min=self.min_mask_ratio)[:, None]  # (B, 1)
+        p_text = self.schedule.mask_prob(t).float().clamp(min=self.min_mask_ratio)  # (B,)
+        if self.task_min_mask_ratio is not None and task_ids is not None:
+            p_text = torch.maximum(p_text, self.task_min_mask_ratio.to(t.device)[task_ids])
+        p_text = p_text[:, None]  # (B, 1)
         p_img = self.image_schedule.mask_prob(t).float().clamp(min=self.image_min_mask_ratio)[:, None]
         return torch.where(image_codes, p_img, p_text).clamp(max=1.0)  # (B, L)
 
@@ -417,7 +427,7 @@ class MaskedDiffusionObjective(Objective):
             )
 
         t = self.time_sampler(B, generator=generator, device=ids.device)  # (B,)
-        p = self.mask_probs(t, image_codes)  # (B, L)
+        p = self.mask_probs(t, image_codes, batch.get("task_ids"))  # (B, L)
         masked = self.sample_mask(p, maskable, image_codes, generator)  # (B, L)
 
         extras = _extras(batch)
@@ -588,6 +598,7 @@ class ObjectiveConfig:
     image_codes: ImageCodeConfig = field(default_factory=ImageCodeConfig)
     task_names: list[str] = field(default_factory=list)
     task_weights: dict[str, float] = field(default_factory=dict)
+    task_min_mask_ratio: dict[str, float] = field(default_factory=dict)  # per-task floor on text masking
     switch_step: int = 0
 
     def validate(self) -> None:
@@ -610,6 +621,14 @@ class ObjectiveConfig:
             )
         if any(w < 0 for w in self.task_weights.values()):
             raise ValueError("task_weights must be >= 0")
+        unknown = set(self.task_min_mask_ratio) - set(self.task_names)
+        if unknown:
+            raise ValueError(
+                f"task_min_mask_ratio names unknown tasks {sorted(unknown)}; task_names = {self.task_names}"
+            )
+        for k, v in self.task_min_mask_ratio.items():
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"task_min_mask_ratio.{k} must be in [0, 1], got {v}")
         if self.switch_step < 0:
             raise ValueError(f"switch_step must be >= 0, got {self.switch_step}")
 
@@ -648,6 +667,8 @@ def _build_diffusion(
         image_region_prob=img.region_prob,
         image_grid=tuple(img.grid) if img.grid is not None else None,
         task_weights=TaskWeights(cfg.task_names, cfg.task_weights),
+        task_min_mask_ratio=(torch.tensor([float(cfg.task_min_mask_ratio.get(n, 0.0)) for n in cfg.task_names])
+                             if cfg.task_min_mask_ratio else None),
     )
 
 

@@ -71,6 +71,11 @@ class VQConfig:
     norm_num_groups: int = 8
     mid_block_add_attention: bool = False  # attention in the mid block (costly on CPU, unneeded at 32px)
     l2_normalize: bool = True  # cosine codebook: latents and codes on the unit sphere
+    # > 0: the image is cut into non-overlapping tiles of this side, each encoded and decoded on
+    # its own by the VQModel (whose sample_size is then the tile); the code grids are laid back
+    # side by side.  For scenes made of independent cells (the Shapes world's 3x3 grid) a tile
+    # per cell with downsample == tile gives one code per cell: 9 image tokens at 48 px.
+    tile_size: int = 0
 
     @property
     def downsample_factor(self) -> int:
@@ -93,6 +98,12 @@ class VQConfig:
                     f"block_out_channels {self.block_out_channels} must be positive multiples of "
                     f"norm_num_groups={self.norm_num_groups}"
                 )
+        if self.tile_size < 0:
+            raise ValueError(f"tile_size must be >= 0, got {self.tile_size}")
+        if self.tile_size and (self.image_size % self.tile_size or self.tile_size % self.downsample_factor):
+            raise ValueError(
+                f"tile_size={self.tile_size} must divide image_size={self.image_size} and be divisible by "
+                f"the downsample factor {self.downsample_factor}")
         if self.image_size <= 0 or self.image_size % self.downsample_factor:
             raise ValueError(
                 f"image_size={self.image_size} must be divisible by the downsample factor "
@@ -116,7 +127,7 @@ class VQConfig:
             block_out_channels=tuple(self.block_out_channels),
             layers_per_block=self.layers_per_block,
             latent_channels=self.latent_channels,
-            sample_size=self.image_size,
+            sample_size=self.tile_size or self.image_size,
             num_vq_embeddings=self.num_vq_embeddings,
             norm_num_groups=self.norm_num_groups,
             vq_embed_dim=self.vq_embed_dim,
@@ -183,10 +194,31 @@ class VQTokenizer(nn.Module):
         e = self.codebook
         return F.normalize(e, dim=-1) if self.config.l2_normalize else e
 
+    def _tiles(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """(N, C, H, W) -> (N * H/t * W/t, C, t, t) tiles in row-major order, plus (H/t, W/t)."""
+        t = self.config.tile_size
+        n, c, hh, ww = x.shape
+        if hh % t or ww % t:
+            raise ValueError(f"image size {hh}x{ww} is not a multiple of the VQ tile size {t}")
+        rows, cols = hh // t, ww // t
+        x = x.reshape(n, c, rows, t, cols, t).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(n * rows * cols, c, t, t), rows, cols
+
+    @staticmethod
+    def _untile(x: torch.Tensor, n: int, rows: int, cols: int) -> torch.Tensor:
+        """Inverse of ``_tiles``: (N * rows * cols, C, a, b) -> (N, C, rows * a, cols * b)."""
+        _, c, a, b = x.shape
+        x = x.reshape(n, rows, cols, c, a, b).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(n, c, rows * a, cols * b)
+
     def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> pre-quantisation latents z (N, D, h, w)."""
         x = pixel_values * 2.0 - 1.0  # [0, 1] -> [-1, 1]
-        z = self.model.encode(x).latents  # (N, D, h, w)
+        if self.config.tile_size:
+            tiles, rows, cols = self._tiles(x)
+            z = self._untile(self.model.encode(tiles).latents, x.shape[0], rows, cols)
+        else:
+            z = self.model.encode(x).latents  # (N, D, h, w)
         if self.config.l2_normalize:
             z = F.normalize(z, dim=1)
         return z
@@ -216,8 +248,22 @@ class VQTokenizer(nn.Module):
         off, written out so that it does not depend on that config flag.
         """
         m = self.model
+        if self.config.tile_size:
+            g = self.config.tile_size // self.downsample_factor  # codes per tile side
+            n, _, h, w = z_q.shape
+            tiles, rows, cols = self._tiles_of_grid(z_q, g)
+            x = m.decoder(m.post_quant_conv(tiles), tiles if m.config.norm_type == "spatial" else None)
+            return self._untile(x, n, rows, cols)
         h = m.post_quant_conv(z_q)  # (N, latent_channels, h, w)
         return m.decoder(h, z_q if m.config.norm_type == "spatial" else None)
+
+    def _tiles_of_grid(self, z: torch.Tensor, g: int) -> tuple[torch.Tensor, int, int]:
+        n, d, h, w = z.shape
+        if h % g or w % g:
+            raise ValueError(f"code grid {h}x{w} is not a multiple of the {g}x{g} codes of one VQ tile")
+        rows, cols = h // g, w // g
+        z = z.reshape(n, d, rows, g, cols, g).permute(0, 2, 4, 1, 3, 5)
+        return z.reshape(n * rows * cols, d, g, g), rows, cols
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()

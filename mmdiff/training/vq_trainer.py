@@ -355,8 +355,8 @@ class VQTrainer:
         return int(dead.numel())
 
     def _crop(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Random (B, 3, c, c) crops, one offset per image, aligned to the downsample factor."""
-        c, f = self.cfg.crop_size, self.tok.downsample_factor
+        """Random (B, 3, c, c) crops, one offset per image, aligned to the downsample factor (the tile, if tiled)."""
+        c, f = self.cfg.crop_size, self.tok.config.tile_size or self.tok.downsample_factor
         h, w = x.shape[-2:]
         if not c or c >= min(h, w):
             return x
