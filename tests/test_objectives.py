@@ -307,6 +307,8 @@ def test_task_min_mask_ratio_hides_one_task_completely():
                 {"task_names": ["vqa"], "task_min_mask_ratio": {"vqa": 1.5}}):
         with pytest.raises(ConfigError, match="task_min_mask_ratio"):
             from_dict(ObjectiveConfig, bad)
+    with pytest.raises(ValueError, match="task_names"):
+        build_objective(from_dict(ObjectiveConfig, {"task_min_mask_ratio": {"vqa": 1.0}}), mask_token_id=MASK)
 
 
 def test_objective_schedule_switches_from_ar_to_diffusion():

@@ -622,7 +622,7 @@ class ObjectiveConfig:
         if any(w < 0 for w in self.task_weights.values()):
             raise ValueError("task_weights must be >= 0")
         unknown = set(self.task_min_mask_ratio) - set(self.task_names)
-        if unknown:
+        if unknown and self.task_names:  # empty: filled later (the recipe sets the task list)
             raise ValueError(
                 f"task_min_mask_ratio names unknown tasks {sorted(unknown)}; task_names = {self.task_names}"
             )
@@ -645,6 +645,8 @@ def _build_diffusion(
 ) -> Objective:
     if mask_token_id is None:
         raise ValueError("the masked-diffusion objective needs mask_token_id (from the tokenizer)")
+    if cfg.task_min_mask_ratio and not cfg.task_names:
+        raise ValueError("task_min_mask_ratio needs task_names (index -> name of batch['task_ids'])")
     img = cfg.image_codes
     dropout = None
     if cfg.condition_dropout > 0:
