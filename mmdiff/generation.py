@@ -115,7 +115,10 @@ def _text_sampler() -> SamplerConfig:
 
 DEFAULT_SETTINGS: dict[str, TaskDefaults] = {
     "text": TaskDefaults(gen_length=None, block_length=TEXT_BLOCK_LENGTH, steps=None, sampler=_text_sampler()),
-    "vqa": TaskDefaults(gen_length=4, block_length=None, steps=None, sampler=_text_sampler()),
+    # short answers: EOS padding is committed last, after the answer's words (LLaDA's length
+    # control) - else a confident EOS at an early slot can leave an empty answer
+    "vqa": TaskDefaults(gen_length=4, block_length=None, steps=None,
+                        sampler=dataclasses.replace(_text_sampler(), suppress_eos_confidence=True)),
     "caption": TaskDefaults(gen_length=None, block_length=TEXT_BLOCK_LENGTH, steps=None, sampler=_text_sampler()),
     "describe": TaskDefaults(gen_length=None, block_length=TEXT_BLOCK_LENGTH, steps=None, sampler=_text_sampler()),
     "t2i": TaskDefaults(

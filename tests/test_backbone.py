@@ -183,7 +183,7 @@ def test_from_causal_lm_reproduces_the_causal_lm(tmp_path, kind):
 
 
 def test_sizes_registry():
-    assert SIZES["quickstart"] == SIZES["tiny"]
+    assert SIZES["quickstart"] == SIZES["mini"]
     with pytest.raises(ValueError, match="known sizes: .*debug"):
         get_size("huge")
     with pytest.raises(ValueError, match="unknown backbone config field"):

@@ -1,8 +1,12 @@
 """Named backbone sizes (DiT/torchtitan style): one dict per size, overridable per run.
 
     debug        tests only: a few thousand parameters, instant on CPU
-    tiny         = quickstart: ~9M parameters, the CPU quickstart (a training step in seconds)
-    quickstart   alias of tiny
+    mini         = quickstart: ~0.8M parameters outside the embeddings (128 wide, 4 layers), the
+                 CPU quickstart: ~4 steps/s on one core, and on this budget it learns more than
+                 tiny (BENCHMARKS.md: 1,600 mini steps read images, 400 tiny steps in the same
+                 time do not)
+    quickstart   alias of mini
+    tiny         ~5M parameters outside the embeddings (256 wide, 6 layers)
     small        ~110M parameters, a single-GPU model
     llada-8b     LLaDA-8B's real shape (reference; far too big to build on CPU)
 
@@ -29,6 +33,10 @@ SIZES: dict[str, dict] = {
         vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
     ),
+    "mini": dict(
+        vocab_size=8192, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+    ),
     "small": dict(
         vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048,
@@ -40,7 +48,7 @@ SIZES: dict[str, dict] = {
         mask_token_id=126336, eos_token_id=126081, pad_token_id=126081,
     ),
 }
-SIZES["quickstart"] = SIZES["tiny"]
+SIZES["quickstart"] = SIZES["mini"]
 
 
 def get_size(name: str, **overrides) -> dict:
