@@ -53,9 +53,9 @@ class QuickstartSizes:
     seed: int = 0
     vocab_size: int = 512
     vq_minutes: float = 3.0
-    vision_minutes: float = 1.5
+    vision_minutes: float = 2.9  # runs beside the VQ tokenizer (3 min): the same wall time
     stage1_steps: int = 40
-    stage2_steps: int = 2200  # ~3.4 steps/s in two processes (mini backbone, both ranks on the same task)
+    stage2_steps: int = 2600  # ~3.1 steps/s in two processes (mini backbone, both ranks on the same task)
     batch_size: int = 16
     eval_limit: int = 64  # test scenes for vqa (~10 questions each, fast), caption, describe (~0.7 s each)
     t2i_limit: int = 24  # test / heldout prompts for text-to-image (~3.3 s each)
@@ -92,16 +92,72 @@ def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
 
 
+OUT_TOKEN = "${OUT}"  # markers store paths under the output directory relative to it
+
+
+def _swap_out(obj, old: str, new: str):
+    """``obj`` with the path ``old`` replaced by ``new`` wherever it starts a path inside a string
+    (plain paths, ``key=value`` overrides, ``[a, b]`` lists)."""
+    if isinstance(obj, dict):
+        return {k: _swap_out(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_swap_out(v, old, new) for v in obj]
+    if isinstance(obj, str):
+        import re
+
+        return re.sub(re.escape(old) + r"(?=[/\\\],]|$)", lambda _: new, obj)
+    return obj
+
+
 def _read_marker(out: Path, name: str) -> dict:
-    return json.loads((out / name / "stage.json").read_text())
+    """A finished stage's result, its paths resolved against ``out`` (the folder may have moved)."""
+    return _swap_out(json.loads((out / name / "stage.json").read_text()), OUT_TOKEN, str(out))
 
 
-def run_stage(out: Path, name: str, fn: Callable[[Path], dict]) -> dict:
-    """Run ``fn(stage_dir)`` unless ``stage_dir/stage.json`` says it already finished."""
+def file_digest(path: Path) -> str:
+    """Short content hash of a config file: a stage made from an edited file is not reused."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class StageSettingsChanged(RuntimeError):
+    """A finished stage was made with other settings than this run's."""
+
+
+def _settings_json(out: Path, settings: dict | None) -> dict | None:
+    if settings is None:
+        return None
+    return _swap_out(json.loads(json.dumps(settings, default=str)), str(out), OUT_TOKEN)
+
+
+def _finished(out: Path, name: str, want: dict | None) -> dict | None:
+    """The marker's result if stage ``name`` finished (with the settings ``want``), else None."""
+    marker = out / name / "stage.json"
+    if not marker.is_file():
+        return None
+    made = json.loads(marker.read_text()).get("settings")
+    if want is not None and made is not None and made != want:
+        changed = "; ".join(f"{k}: {made.get(k)!r} -> {want.get(k)!r}"
+                            for k in sorted(set(made) | set(want)) if made.get(k) != want.get(k))
+        raise StageSettingsChanged(
+            f"quickstart stage {name} in {out / name} was made with other settings ({changed}); delete that "
+            f"folder and the stages after it, or use a new --out")
+    return _read_marker(out, name)
+
+
+def run_stage(out: Path, name: str, fn: Callable[[Path], dict], settings: dict | None = None) -> dict:
+    """Run ``fn(stage_dir)`` unless ``stage_dir/stage.json`` says it already finished.
+
+    ``settings`` (JSON-able) describe what the stage's output depends on; they are kept in the
+    marker, and a finished stage whose settings differ from this run's is refused (never silently
+    reused): the error names each changed setting.
+    """
     stage_dir = out / name
     marker = stage_dir / "stage.json"
-    if marker.is_file():
-        result = _read_marker(out, name)
+    want = _settings_json(out, settings)
+    result = _finished(out, name, want)
+    if result is not None:
         _log(f"{name}: done earlier ({result['wall_seconds']:.1f} s), reused")
         return result
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -109,16 +165,19 @@ def run_stage(out: Path, name: str, fn: Callable[[Path], dict]) -> dict:
     start = time.perf_counter()
     result = dict(fn(stage_dir))
     result["wall_seconds"] = round(time.perf_counter() - start, 2)
+    if want is not None:
+        result["settings"] = want
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.write_text(json.dumps(_swap_out(json.loads(json.dumps(result, default=str)), str(out), OUT_TOKEN), indent=1))
     tmp.replace(marker)
     _log(f"{name}: finished in {result['wall_seconds']:.1f} s")
-    return result
+    return _read_marker(out, name)
 
 
-def run_parallel(out: Path, jobs: list[tuple[str, Callable[[Path], dict]]]) -> dict[str, dict]:
+def run_parallel(out: Path, jobs: list[tuple]) -> dict[str, dict]:
     """Run independent stages at once: the first here, each other one in a forked process.
 
+    ``jobs``: ``(name, fn)`` or ``(name, fn, settings)`` as for ``run_stage``.
     The machine has 2 cores and every stage runs on one thread, so two stages side by side take
     the time of the longer one.  Children report through their ``stage.json`` markers only; a
     child that fails stops the run with its stage named (a re-run resumes it).
@@ -126,10 +185,12 @@ def run_parallel(out: Path, jobs: list[tuple[str, Callable[[Path], dict]]]) -> d
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")  # the stage functions are closures: fork needs no pickling
+    jobs = [(j[0], j[1], j[2] if len(j) > 2 else None) for j in jobs]
     children = []
-    for name, fn in jobs[1:]:
-        if not (out / name / "stage.json").is_file():
-            proc = ctx.Process(target=run_stage, args=(out, name, fn), name=f"stage-{name}", daemon=False)
+    for name, fn, settings in jobs[1:]:
+        if _finished(out, name, _settings_json(out, settings)) is None:  # raises on changed settings
+            proc = ctx.Process(target=run_stage, args=(out, name, fn, settings), name=f"stage-{name}",
+                               daemon=False)
             proc.start()
             children.append((name, proc))
     try:
@@ -143,7 +204,7 @@ def run_parallel(out: Path, jobs: list[tuple[str, Callable[[Path], dict]]]) -> d
         if proc.exitcode != 0:
             raise RuntimeError(f"quickstart stage {name} failed in its own process (exit code {proc.exitcode}); "
                                "its traceback is above; re-run to resume")
-    for name, _ in jobs[1:]:
+    for name, _, _ in jobs[1:]:
         results[name] = _read_marker(out, name)
     return results
 
@@ -467,6 +528,16 @@ def _summary_table(stages: dict, headline: dict) -> str:
     return "\n".join(lines)
 
 
+def _data_settings(sizes: QuickstartSizes) -> dict:
+    return {k: getattr(sizes, k) for k in ("train", "val", "test", "heldout", "image_size", "seed")}
+
+
+def _eval_settings(sizes: QuickstartSizes) -> dict:
+    configs = {p.stem: file_digest(p) for p in sorted((REPO / "eval" / "configs").glob("*.yaml"))}
+    return {"eval_limit": sizes.eval_limit, "t2i_limit": sizes.t2i_limit, "recon_images": sizes.recon_images,
+            "reduced": sizes.reduced_mode, "configs": configs}
+
+
 def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
     """Run (or resume) every stage into ``out``; returns the headline metrics and where things are."""
     import torch
@@ -477,24 +548,31 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     stages: dict[str, dict] = {}
-    stages["01-data"] = data = run_stage(out, "01-data", _stage_data(sizes))
-    stages["02-text-tokenizer"] = tok = run_stage(out, "02-text-tokenizer", _stage_text_tokenizer(data, sizes))
+    stages["01-data"] = data = run_stage(out, "01-data", _stage_data(sizes), _data_settings(sizes))
+    stages["02-text-tokenizer"] = tok = run_stage(out, "02-text-tokenizer", _stage_text_tokenizer(data, sizes),
+                                                  {"vocab_size": sizes.vocab_size, "reduced": reduced})
     # the VQ tokenizer and the vision tower do not depend on each other: one core each
-    both = run_parallel(out, [("04-vision-tower", _stage_vision(data, tok, sizes)),
-                              ("03-vq-tokenizer", _stage_vq(data, sizes))])
+    both = run_parallel(out, [
+        ("04-vision-tower", _stage_vision(data, tok, sizes),
+         {"config": file_digest(VISION_CONFIG), "minutes": sizes.vision_minutes, "reduced": reduced}),
+        ("03-vq-tokenizer", _stage_vq(data, sizes),
+         {"config": file_digest(VQ_CONFIG), "minutes": sizes.vq_minutes, "reduced": reduced})])
     stages["03-vq-tokenizer"] = vq = both["03-vq-tokenizer"]
     stages["04-vision-tower"] = vision = both["04-vision-tower"]
     common = _unified_overrides(data, vq, vision, sizes)
     s1 = [f"model.tokenizer={tok['tokenizer_dir']}", f"train.max_steps={sizes.stage1_steps}", *common]
     if reduced:
         s1.append("model.size=debug")
-    stages["05-unified-stage1"] = st1 = run_stage(out, "05-unified-stage1", _stage_unified(STAGE1_RECIPE, s1))
+    stages["05-unified-stage1"] = st1 = run_stage(out, "05-unified-stage1", _stage_unified(STAGE1_RECIPE, s1),
+                                                  {"recipe": file_digest(STAGE1_RECIPE), "overrides": s1})
     m1 = st1["model_dir"]
     s2 = [f"model.size={m1}", f"model.tokenizer={m1}", f"train.init_from={m1}",
           f"train.max_steps={sizes.stage2_steps}", *common]
-    stages["06-unified-stage2"] = st2 = run_stage(out, "06-unified-stage2",
-                                                  _stage_unified(STAGE2_RECIPE, s2, sizes.processes))
-    stages["07-eval"] = ev = run_stage(out, "07-eval", _stage_eval(data, vq, st2["model_dir"], sizes))
+    stages["06-unified-stage2"] = st2 = run_stage(
+        out, "06-unified-stage2", _stage_unified(STAGE2_RECIPE, s2, sizes.processes),
+        {"recipe": file_digest(STAGE2_RECIPE), "overrides": s2, "processes": sizes.processes})
+    stages["07-eval"] = ev = run_stage(out, "07-eval", _stage_eval(data, vq, st2["model_dir"], sizes),
+                                       _eval_settings(sizes))
     stages["08-report"] = rep = run_stage(out, "08-report", _stage_report(out, dict(stages), ev, data))
     print(_summary_table(stages, ev["headline"]), file=sys.stderr, flush=True)
     missed = {k: (None if ev["headline"].get(k) is None else round(t - ev["headline"][k], 4))

@@ -36,7 +36,10 @@ def test_every_stage_ran_and_left_a_marker(first_run):
         marker = json.loads((out / name / "stage.json").read_text())
         assert marker["wall_seconds"] >= 0
     # the parallel paths ran: stage 2 in two torchrun processes, the eval in two forked halves
-    stage2 = json.loads((out / "06-unified-stage2" / "stage.json").read_text())
+    from mmdiff.quickstart import _read_marker
+
+    stage2 = _read_marker(out, "06-unified-stage2")  # paths in markers are relative to `out`
+    assert stage2["settings"]["processes"] == 2 and "${OUT}" in (out / "06-unified-stage2" / "stage.json").read_text()
     assert stage2["processes"] == 2 and Path(stage2["model_dir"], "config.json").is_file()
     halves = [json.loads((out / "07-eval" / f"eval-part{i}" / "stage.json").read_text()) for i in (0, 1)]
     assert sorted(sum((h["evaluated"] for h in halves), [])) == sorted(
@@ -86,3 +89,42 @@ def test_rerun_reuses_stages_and_an_interrupted_stage_is_redone(first_run):
     third = run_quickstart(out, reduced=True)
     assert (out / "08-report" / "stage.json").is_file() and Path(third["report"]).is_file()
     assert eval_marker.stat().st_mtime_ns == before
+
+
+def test_a_stage_made_with_other_settings_is_refused_not_reused(tmp_path):
+    from mmdiff.quickstart import StageSettingsChanged, run_parallel, run_stage
+
+    calls = []
+
+    def fn(d):
+        calls.append(d)
+        return {"n": len(calls)}
+
+    assert run_stage(tmp_path, "01-x", fn, {"steps": 10})["n"] == 1
+    assert run_stage(tmp_path, "01-x", fn, {"steps": 10})["n"] == 1 and len(calls) == 1  # reused
+    with pytest.raises(StageSettingsChanged, match=r"01-x.*steps: 10 -> 20"):
+        run_stage(tmp_path, "01-x", fn, {"steps": 20})
+    with pytest.raises(StageSettingsChanged, match="01-x"):  # also when it would run in a child process
+        run_parallel(tmp_path, [("02-y", fn, {}), ("01-x", fn, {"steps": 30})])
+    assert len(calls) == 1  # nothing ran, nothing lost
+
+
+def test_markers_hold_paths_relative_to_the_output_folder(tmp_path):
+    import shutil
+
+    from mmdiff.quickstart import run_stage
+
+    first = tmp_path / "a"
+
+    def fn(d):
+        (d / "model").mkdir()
+        return {"model_dir": str(d / "model"), "overrides": [f"data.shards=[{first / '01-s' / 'train'}]"]}
+
+    made = run_stage(first, "01-s", fn, {"path": str(first / "01-s" / "model")})
+    assert made["model_dir"] == str(first / "01-s" / "model")
+    assert str(first) not in (first / "01-s" / "stage.json").read_text()
+    moved = tmp_path / "b"
+    shutil.move(str(first), str(moved))
+    again = run_stage(moved, "01-s", fn, {"path": str(moved / "01-s" / "model")})  # same settings, new place
+    assert again["model_dir"] == str(moved / "01-s" / "model") and Path(again["model_dir"]).is_dir()
+    assert again["overrides"] == [f"data.shards=[{moved / '01-s' / 'train'}]"]
