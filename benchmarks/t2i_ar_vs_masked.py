@@ -7,11 +7,15 @@ Two models of the same size trained on the same text-to-image data for the same 
 ``--masked`` with the masked-diffusion objective (bidirectional), ``--ar`` with the causal one.
 Training them from the quickstart's recipe (its tokenizer, VQ and tower directories as overrides):
 
-    mmdiff train --config train/configs/quickstart-stage2.yaml model.size=quickstart \
-        train.init_from=null 'data.task_weights={t2i: 1.0}' objective.task_min_mask_ratio={} \
-        train.output_dir=runs/t2i-masked ...
-    ... the same with  objective.name=autoregressive model.attention_mode=causal \
-        objective.condition_dropout=0.0  train.output_dir=runs/t2i-ar
+    Q=quickstart_out   # a finished quickstart: its data, tokenizer, VQ and tower
+    T="model.size=quickstart model.tokenizer=$Q/02-text-tokenizer train.init_from=null \
+       model.vq=$Q/03-vq-tokenizer/vq model.vision.path=$Q/04-vision-tower/tower \
+       data.shards=[$Q/01-data/shapes/train] data.task_weights.caption=0 data.task_weights.vqa=0 \
+       data.task_weights.describe=0 data.task_weights.text=0 data.task_weights.t2i=1 \
+       data.task_order=stream train.max_steps=300"
+    mmdiff train --config train/configs/quickstart-stage2.yaml $T train.output_dir=runs/t2i-masked
+    mmdiff train --config train/configs/quickstart-stage2.yaml $T train.output_dir=runs/t2i-ar \
+       objective.name=autoregressive model.attention_mode=causal objective.condition_dropout=0.0
 
 Batch 1, the test split's canonical captions as prompts, side by side and interleaved over rounds
 (median of per-round ratios).  Masked: the engine's text-to-image defaults (Gumbel-confidence
