@@ -20,7 +20,9 @@ side on the same images, interleaved over rounds:
 
 Reported per setting: tokens/s counted as generated tokens up to the first EOS (the anchors' way),
 seconds per image, NFE, speedup over vanilla (median over rounds of per-round ratios), peak RSS,
-and quality = description F1 against the ground-truth objects (object-level, all attributes).
+quality = description F1 against the ground-truth objects (object-level, all attributes), and the
+fraction of outputs identical to vanilla's (what a cache or threshold changes, independent of how
+good the model is).
 """
 
 from __future__ import annotations
@@ -124,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 quality = caption_attribute_scores(stats[name]["preds"], gts)["overall"]
             else:
                 quality = describe_prf_corpus(stats[name]["preds"], gts)["f1"]
+            same = sum(p == v for p, v in zip(stats[name]["preds"], stats["vanilla"]["preds"])) / len(samples)
             rows.append({
-                "gen": gen, "setting": name,
+                "gen": gen, "setting": name, "same_as_vanilla": same,
                 "tokens_per_s": stats[name]["tokens"] / t,
                 "seconds_per_image": t / len(samples),
                 "nfe": stats[name]["nfe"],
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, [("gen", "gen", "d"), ("setting", "setting", ""), ("tokens_per_s", "tok/s", ".1f"),
                               ("seconds_per_image", "s/image", ".3f"), ("nfe", "NFE", ".1f"),
                               ("speedup", "× vanilla", ".2f"),
-                              ("quality", "attr. acc." if a.task == "caption" else "F1", ".3f")]))
+                              ("quality", "attr. acc." if a.task == "caption" else "F1", ".3f"),
+                              ("same_as_vanilla", "= vanilla", ".2f")]))
     print(f"peak RSS {peak_mb:.0f} MB", file=sys.stderr)
     if a.json:
         emit_json({"model": a.model, "task": a.task, "images": len(samples), "rounds": a.rounds, "block": block,

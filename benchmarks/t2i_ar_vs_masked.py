@@ -19,7 +19,7 @@ Training them from the quickstart's recipe (its tokenizer, VQ and tower director
 
 Batch 1, the test split's canonical captions as prompts, side by side and interleaved over rounds
 (median of per-round ratios).  Masked: the engine's text-to-image defaults (Gumbel-confidence
-MaskGIT order, cosine schedule, CFG 3.0) at ``--steps`` steps; AR: ``ar_generate`` with the KV
+MaskGIT order, cosine schedule, CFG 3.0, and without CFG) at ``--steps`` steps; AR: ``ar_generate`` with the KV
 cache, temperature 1.0 over the code ids only, one pass per code.  Reported: seconds per image,
 NFE, speedup of masked over AR, ShapesEval of both (overall and by category), peak RSS.
 """
@@ -53,10 +53,10 @@ def ar_image(bundle, prompt: str, seed: int):
     return codes_to_pil(bundle.vq, codes)[0], out.nfe
 
 
-def masked_image(bundle, prompt: str, steps: int, seed: int):
+def masked_image(bundle, prompt: str, steps: int, seed: int, guidance: float | None = None):
     from mmdiff.generation import text_to_image
 
-    r = text_to_image(bundle, prompt, steps=steps, generator=seed)
+    r = text_to_image(bundle, prompt, steps=steps, generator=seed, guidance=guidance)
     return r.image, r.nfe
 
 
@@ -94,13 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--masked and --ar code grids differ: not the same image tokens")
     samples = []
     for s in read_samples(a.data):
-        caps = s.meta.get("captions") or [s.meta.get("caption")]
-        samples.append((caps[0], bool(s.meta.get("heldout", False) or s.meta.get("split") == "heldout")))
+        caps = list(s.captions or []) or [s.caption]  # the first is the canonical template
+        samples.append((caps[0], bool(s.meta.get("heldout", False))))
         if len(samples) >= a.prompts:
             break
     prompts = [p for p, _ in samples]
     heldout = [h for _, h in samples]
-    variants = {f"masked-{s}": (lambda p, i, s=s: masked_image(masked, p, s, i)) for s in a.steps}
+    variants = {}
+    for s in a.steps:  # with the default image CFG (two rows per pass) and without
+        variants[f"masked-{s}"] = lambda p, i, s=s: masked_image(masked, p, s, i)
+        variants[f"masked-{s}-nocfg"] = lambda p, i, s=s: masked_image(masked, p, s, i, guidance=0.0)
     variants["ar-kv-cache"] = lambda p, i: ar_image(ar, p, i)
     times = {n: [] for n in variants}
     images = {n: [] for n in variants}
