@@ -22,7 +22,8 @@ Reported per setting: tokens/s counted as generated tokens up to the first EOS (
 seconds per image, NFE, speedup over vanilla (median over rounds of per-round ratios), peak RSS,
 quality = description F1 against the ground-truth objects (object-level, all attributes), and the
 fraction of outputs identical to vanilla's (what a cache or threshold changes, independent of how
-good the model is).
+good the model is), and each setting's peak memory on top of the loaded model (``+MB``: two
+images generated in a forked child, its peak RSS minus its RSS at the fork).
 """
 
 from __future__ import annotations
@@ -60,6 +61,41 @@ def settings(gen: int, task: str = "describe", block: int = BLOCK):
         "threshold": SamplerConfig(**base, transfer="threshold", threshold=0.9),
         "dual+threshold": SamplerConfig(**base, cache="dual", transfer="threshold", threshold=0.9),
     }
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_extra_mb(fn) -> float | None:
+    """Extra resident memory (MB) of one call of ``fn``: run in a forked child, its peak RSS minus its
+    RSS at the fork (a forked child's peak starts at the parent's RSS).  None where fork is missing."""
+    import os
+
+    if not hasattr(os, "fork") or not os.path.exists("/proc/self/status"):
+        return None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report through the pipe, exit without cleanup
+        code = 1
+        try:
+            os.close(r)
+            base = _rss_mb()
+            fn()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            os.write(w, f"{peak - base:.1f}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    return float(data) if status == 0 and data else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         gts = [s.meta.get("objects", []) for s in samples]
         base = times["vanilla"]
+        memory = {name: peak_extra_mb(lambda name=name: [run(bundle, s.image, gen_length=gen, block_length=block,
+                                                             sampler=cfgs[name]) for s in samples[:2]])
+                  for name in cfgs}
         for name in cfgs:
             t = median(times[name])
             if a.task == "caption":
@@ -134,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
                 "nfe": stats[name]["nfe"],
                 "speedup": median([b / x for b, x in zip(base, times[name])]),
                 "quality": quality,
+                "peak_extra_mb": memory[name],
             })
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(format_table(rows, [("gen", "gen", "d"), ("setting", "setting", ""), ("tokens_per_s", "tok/s", ".1f"),
                               ("seconds_per_image", "s/image", ".3f"), ("nfe", "NFE", ".1f"),
                               ("speedup", "× vanilla", ".2f"),
                               ("quality", "attr. acc." if a.task == "caption" else "F1", ".3f"),
-                              ("same_as_vanilla", "= vanilla", ".2f")]))
+                              ("same_as_vanilla", "= vanilla", ".2f"), ("peak_extra_mb", "+MB", ".1f")]))
     print(f"peak RSS {peak_mb:.0f} MB", file=sys.stderr)
     if a.json:
         emit_json({"model": a.model, "task": a.task, "images": len(samples), "rounds": a.rounds, "block": block,
