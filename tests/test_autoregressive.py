@@ -9,22 +9,7 @@ import pytest
 import torch
 
 from mmdiff.sampling.autoregressive import ar_generate
-from tests.test_generation import tiny_bundle_dir
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from mmdiff.models.bundle import load_bundle
-
-    return load_bundle(tiny_bundle_dir(tmp_path_factory))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.test_generation import _one_thread, bundle  # noqa: F401  (the tiny model and its fixtures)
 
 
 def _canvas(bundle, task, prompts, images=None):

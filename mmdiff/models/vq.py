@@ -194,12 +194,15 @@ class VQTokenizer(nn.Module):
         e = self.codebook
         return F.normalize(e, dim=-1) if self.config.l2_normalize else e
 
-    def _tiles(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """(N, C, H, W) -> (N * H/t * W/t, C, t, t) tiles in row-major order, plus (H/t, W/t)."""
-        t = self.config.tile_size
+    def _tiles(self, x: torch.Tensor, t: int | None = None) -> tuple[torch.Tensor, int, int]:
+        """(N, C, H, W) -> (N * H/t * W/t, C, t, t) tiles in row-major order, plus (H/t, W/t).
+
+        ``t``: the tile side (default: the config's, for images; the codes per tile, for code grids).
+        """
+        t = self.config.tile_size if t is None else t
         n, c, hh, ww = x.shape
         if hh % t or ww % t:
-            raise ValueError(f"image size {hh}x{ww} is not a multiple of the VQ tile size {t}")
+            raise ValueError(f"size {hh}x{ww} is not a multiple of the VQ tile side {t}")
         rows, cols = hh // t, ww // t
         x = x.reshape(n, c, rows, t, cols, t).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(n * rows * cols, c, t, t), rows, cols
@@ -250,20 +253,11 @@ class VQTokenizer(nn.Module):
         m = self.model
         if self.config.tile_size:
             g = self.config.tile_size // self.downsample_factor  # codes per tile side
-            n, _, h, w = z_q.shape
-            tiles, rows, cols = self._tiles_of_grid(z_q, g)
+            tiles, rows, cols = self._tiles(z_q, g)
             x = m.decoder(m.post_quant_conv(tiles), tiles if m.config.norm_type == "spatial" else None)
-            return self._untile(x, n, rows, cols)
+            return self._untile(x, z_q.shape[0], rows, cols)
         h = m.post_quant_conv(z_q)  # (N, latent_channels, h, w)
         return m.decoder(h, z_q if m.config.norm_type == "spatial" else None)
-
-    def _tiles_of_grid(self, z: torch.Tensor, g: int) -> tuple[torch.Tensor, int, int]:
-        n, d, h, w = z.shape
-        if h % g or w % g:
-            raise ValueError(f"code grid {h}x{w} is not a multiple of the {g}x{g} codes of one VQ tile")
-        rows, cols = h // g, w // g
-        z = z.reshape(n, d, rows, g, cols, g).permute(0, 2, 4, 1, 3, 5)
-        return z.reshape(n * rows * cols, d, g, g), rows, cols
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
