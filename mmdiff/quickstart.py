@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -103,8 +104,6 @@ def _swap_out(obj, old: str, new: str):
     if isinstance(obj, (list, tuple)):
         return [_swap_out(v, old, new) for v in obj]
     if isinstance(obj, str):
-        import re
-
         return re.sub(re.escape(old) + r"(?=[/\\\],]|$)", lambda _: new, obj)
     return obj
 

@@ -632,6 +632,13 @@ class _Batch:
     # rare or absent in the stream) gives way to the fullest buffer for that batch.
     SHARED_PATIENCE = 64
 
+    @staticmethod
+    def _take(buf: list[dict], n: int) -> list[list[dict]]:
+        """The first ``n`` examples of ``buf`` (removed from it), one row each."""
+        rows = [[e] for e in buf[:n]]
+        del buf[:n]
+        return rows
+
     def _shared(self, src: Iterable[dict]) -> Iterator[dict]:
         cfg, st = self.state.cfg, self.state
         weights = {t: w for t, w in cfg.task_weights.items() if w > 0}
@@ -662,17 +669,14 @@ class _Batch:
             buf = buffers.get(want, [])
             if len(buf) >= cfg.batch_size:
                 starved.discard(want)
-                rows = [[e] for e in buf[:cfg.batch_size]]
-                del buf[:cfg.batch_size]
-                yield self._emit(rows)
+                yield self._emit(self._take(buf, cfg.batch_size))
                 continue
             if done:
                 break
         for t in tasks + sorted(set(buffers) - set(tasks)):  # end of a finite pass: full batches, then the rest
             buf = buffers.get(t, [])
             while buf:
-                rows = [[e] for e in buf[:cfg.batch_size]]
-                del buf[:cfg.batch_size]
+                rows = self._take(buf, cfg.batch_size)
                 if cfg.drop_last and not cfg.resampled and len(rows) < cfg.batch_size:
                     continue
                 yield self._emit(rows)

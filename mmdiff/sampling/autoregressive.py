@@ -34,12 +34,11 @@ class ARSampleOutput:
 def _pick(logits: Tensor, allowed: tuple[int, int] | None, temperature: float,
           generator: torch.Generator | None) -> Tensor:
     """(B, V) -> (B,) next tokens: argmax at temperature 0, else a draw (float64 softmax)."""
-    logits = logits.double()
+    logits = logits.double()  # a fresh tensor: safe to edit in place
     if allowed is not None:
         lo, hi = allowed
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        keep[lo:hi] = True
-        logits = logits.masked_fill(~keep, float("-inf"))
+        logits[..., :lo] = float("-inf")
+        logits[..., hi:] = float("-inf")
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
