@@ -549,3 +549,42 @@ def test_shared_task_order_config_checks():
         PipelineConfig(shards=["x"], task_order="shared").validate()
     with pytest.raises(ValueError, match="task_order"):
         PipelineConfig(shards=["x"], group_by_task=True, task_order="random").validate()
+
+
+@pytest.mark.parametrize("order", ["stream", "shared"])
+def test_task_batch_sizes_give_a_task_its_own_batch_size(shard_dir, order):
+    d, keys = shard_dir
+    weights = {"caption": 1.0, "vqa": 1.0, "describe": 1.0}
+    cfg = cfg_for(d, group_by_task=True, task_order=order, task_weights=weights, task_batch_sizes={"vqa": 7})
+    batches = list(build_dataloader(cfg, simple_encode, pad_id=0))
+    full = {b["tasks"][0]: set() for b in batches}
+    for b in batches:
+        full[b["tasks"][0]].add(len(b["keys"]))
+    assert max(full["vqa"]) == 7 and max(full["caption"]) == 4 and max(full["describe"]) == 4
+    assert Counter(k for b in batches for k in b["keys"]) == Counter(keys)  # none lost, none doubled
+
+
+def test_shared_order_keeps_task_weights_as_sample_shares(shard_dir):
+    # vqa batches are 3x larger, so they must be drawn 3x less often for vqa to stay 1/2 of the samples
+    d, _ = shard_dir
+    cfg = cfg_for(d, resampled=True, group_by_task=True, task_order="shared", shuffle_buffer=8,
+                  task_weights={"caption": 1.0, "vqa": 1.0}, task_batch_sizes={"vqa": 12})
+    it = iter(build_dataloader(cfg, simple_encode, pad_id=0))
+    samples = Counter()
+    batches = Counter()
+    for _ in range(300):
+        b = next(it)
+        samples[b["tasks"][0]] += len(b["keys"])
+        batches[b["tasks"][0]] += 1
+    share = samples["vqa"] / (samples["vqa"] + samples["caption"])
+    assert 0.4 < share < 0.6, samples
+    assert 2.0 < batches["caption"] / batches["vqa"] < 4.5, batches
+
+
+def test_task_batch_sizes_config_checks():
+    with pytest.raises(ValueError, match="group_by_task"):
+        PipelineConfig(shards=["x"], task_batch_sizes={"vqa": 8}).validate()
+    with pytest.raises(ValueError, match="unknown task"):
+        PipelineConfig(shards=["x"], group_by_task=True, task_batch_sizes={"vqaa": 8}).validate()
+    with pytest.raises(ValueError, match=">= 1"):
+        PipelineConfig(shards=["x"], group_by_task=True, task_batch_sizes={"vqa": 0}).validate()

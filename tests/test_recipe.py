@@ -29,6 +29,10 @@ def test_bad_recipes_refused_before_work(tiny_world, tmp_path):
         load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.task_weights={poem: 1.0}"))
     with pytest.raises(FileNotFoundError, match="nope"):
         load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "model.tokenizer=/nope"))
+    with pytest.raises(ConfigError, match="task_batch_sizes needs group_by_task"):
+        load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.task_batch_sizes={vqa: 16}"))
+    with pytest.raises(ConfigError, match="task_batch_sizes.vqa must be an integer"):
+        load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.group_by_task=true", "data.task_batch_sizes={vqa: 0}"))
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
@@ -50,6 +54,24 @@ def test_train_resume_and_export(tiny_world, tmp_path, capsys):
     b = load_bundle(res2["model_dir"])
     assert b.model.num_image_tokens == b.processor.cfg.num_image_tokens > 0
     assert b.processor.vocab_size == b.model.backbone.config.vocab_size
+
+
+def test_task_batch_sizes_are_global_and_split_like_batch_size(tiny_world, tmp_path):
+    from mmdiff.training.recipe import PipelineSource, build_components
+
+    recipe = load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.group_by_task=true", "train.batch_size=4",
+                                           "data.task_batch_sizes={vqa: 12, describe: 6}"))
+    comps = build_components(recipe)
+    # 2 ranks x 1 accumulation step (micro-batch 2): each rank's vqa batch holds 12 / 2 rows
+    source = PipelineSource(recipe, comps.encoder, micro_batch=2)
+    it = iter(source._factory(rank=0, world_size=2, epoch=0))
+    sizes = {}
+    for _ in range(40):
+        b = next(it)
+        sizes.setdefault(b["tasks"][0], set()).add(len(b["keys"]))
+    assert sizes["vqa"] == {6} and sizes["caption"] == {2}, sizes
+    with pytest.raises(ValueError, match="task_batch_sizes.describe=6 is not divisible"):
+        PipelineSource(recipe, comps.encoder, micro_batch=1)._factory(rank=0, world_size=1, epoch=0)
 
 
 def test_missing_weights_refused(tmp_path):

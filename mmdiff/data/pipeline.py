@@ -51,7 +51,10 @@ Design notes
 * **One task per batch** (``group_by_task=True``) keeps one buffer per task and emits a batch
   when a task's buffer is full, so short VQA rows are never padded to the ~280 tokens of a t2i
   row.  The stream stays deterministic; a finite epoch ends by flushing the partial buffers in
-  order of the tasks' first appearance.
+  order of the tasks' first appearance.  ``task_batch_sizes`` gives a task its own batch size
+  (e.g. 48 one-question VQA rows of ~70 tokens cost about what 16 of ~280-token t2i rows do);
+  ``task_weights`` stay *sample* proportions: with ``task_order="shared"`` a task's batches are
+  drawn with probability proportional to weight / batch size.
 * Extra (non-tensor) batch entries: ``keys`` and ``tasks`` (lists of str, one per example, in
   batch order = row-major, segment order).  ``pixel_values`` holds the input images of the
   examples that have image slots, in that order; ``target_pixel_values`` the target images of
@@ -75,7 +78,7 @@ import webdataset as wds
 from mmdiff.data.shards import (
     BadSampleStats, TooManyBadSamples, decode_sample, iter_raw_samples, list_shards,
 )
-from mmdiff.data.tasks import IMAGE_TARGET_TASKS, TASK_IDS, TaskExample, TaskMixture
+from mmdiff.data.tasks import IMAGE_TARGET_TASKS, TASK_IDS, TASKS, TaskExample, TaskMixture
 
 __all__ = [
     "PipelineConfig",
@@ -143,6 +146,8 @@ class PipelineConfig:
     # every data-parallel rank works on the same task at the same step (a rank with a short VQA
     # batch does not wait for another's long t2i batch).
     task_order: Literal["stream", "shared"] = "stream"
+    # with group_by_task: a task's own batch size (others use batch_size), e.g. {vqa: 48}
+    task_batch_sizes: dict[str, int] = field(default_factory=dict)
     # default TextEncoder layout
     image_slots: int = 16  # vision placeholders between image_start/image_end for input images
     image_code_slots: int = 64  # placeholders for a t2i target image's VQ codes
@@ -170,6 +175,19 @@ class PipelineConfig:
             raise ValueError(f"task_order must be 'stream' or 'shared', got {self.task_order!r}")
         if self.task_order == "shared" and (not self.group_by_task or self.packing):
             raise ValueError("task_order='shared' needs group_by_task=true and packing=false")
+        if self.task_batch_sizes:
+            if not self.group_by_task:
+                raise ValueError("task_batch_sizes needs group_by_task=true (one task per batch)")
+            unknown = sorted(set(self.task_batch_sizes) - set(TASKS))
+            if unknown:
+                raise ValueError(f"task_batch_sizes: unknown task(s) {unknown}; known: {list(TASKS)}")
+            bad = {t: n for t, n in self.task_batch_sizes.items() if not isinstance(n, int) or n < 1}
+            if bad:
+                raise ValueError(f"task_batch_sizes must be integers >= 1, got {bad}")
+
+    def batch_size_for(self, task: str | None) -> int:
+        """Rows per batch for ``task`` (``task_batch_sizes``, else ``batch_size``)."""
+        return self.task_batch_sizes.get(task, self.batch_size) if task is not None else self.batch_size
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -641,8 +659,10 @@ class _Batch:
 
     def _shared(self, src: Iterable[dict]) -> Iterator[dict]:
         cfg, st = self.state.cfg, self.state
+        size = cfg.batch_size_for
         weights = {t: w for t, w in cfg.task_weights.items() if w > 0}
         tasks = sorted(weights)
+        draw = [weights[t] / size(t) for t in tasks]  # batches per task: sample share / rows per batch
         wid, _ = _worker()
         rng = random.Random(_seed("task-order", cfg.seed, st.epoch, wid))
         buffers: dict[str, list[dict]] = {}
@@ -650,14 +670,14 @@ class _Batch:
         it = iter(src)
         done = False
         while True:
-            want = rng.choices(tasks, weights=[weights[t] for t in tasks], k=1)[0]
+            want = rng.choices(tasks, weights=draw, k=1)[0]
             read = 0
-            while not done and len(buffers.get(want, ())) < cfg.batch_size:
-                if want in starved or read >= self.SHARED_PATIENCE * cfg.batch_size:
-                    full = [t for t, b in buffers.items() if len(b) >= cfg.batch_size]
+            while not done and len(buffers.get(want, ())) < size(want):
+                if want in starved or read >= self.SHARED_PATIENCE * size(want):
+                    full = [t for t, b in buffers.items() if len(b) >= size(t)]
                     if full:
                         starved.add(want)
-                        want = max(full, key=lambda t: len(buffers[t]))
+                        want = max(full, key=lambda t: len(buffers[t]) / size(t))
                         break
                 try:
                     enc = next(it)
@@ -667,17 +687,17 @@ class _Batch:
                 buffers.setdefault(enc["task"], []).append(enc)
                 read += 1
             buf = buffers.get(want, [])
-            if len(buf) >= cfg.batch_size:
+            if len(buf) >= size(want):
                 starved.discard(want)
-                yield self._emit(self._take(buf, cfg.batch_size))
+                yield self._emit(self._take(buf, size(want)))
                 continue
             if done:
                 break
         for t in tasks + sorted(set(buffers) - set(tasks)):  # end of a finite pass: full batches, then the rest
             buf = buffers.get(t, [])
             while buf:
-                rows = self._take(buf, cfg.batch_size)
-                if cfg.drop_last and not cfg.resampled and len(rows) < cfg.batch_size:
+                rows = self._take(buf, size(t))
+                if cfg.drop_last and not cfg.resampled and len(rows) < size(t):
                     continue
                 yield self._emit(rows)
         tail = self.state.delta()
@@ -694,10 +714,12 @@ class _Batch:
         groups: dict[str | None, tuple[list[list[dict]], list[int]]] = {}
         for enc in src:
             n = len(enc["input_ids"])
-            rows, used = groups.setdefault(enc["task"] if cfg.group_by_task else None, ([], []))
+            group = enc["task"] if cfg.group_by_task else None
+            size = cfg.batch_size_for(group)
+            rows, used = groups.setdefault(group, ([], []))
             if not cfg.packing:
                 rows.append([enc])
-                if len(rows) == cfg.batch_size:
+                if len(rows) == size:
                     yield self._emit(rows)
                     rows.clear()
                 continue
@@ -707,14 +729,14 @@ class _Batch:
                     used[r] += n
                     break
             else:
-                if len(rows) == cfg.batch_size:
+                if len(rows) == size:
                     yield self._emit(rows)
                     rows.clear()
                     used.clear()
                 rows.append([enc])
                 used.append(n)
-        for rows, _ in groups.values():
-            if rows and not (cfg.drop_last and not cfg.resampled and len(rows) < cfg.batch_size):
+        for group, (rows, _) in groups.items():
+            if rows and not (cfg.drop_last and not cfg.resampled and len(rows) < cfg.batch_size_for(group)):
                 yield self._emit(rows)
         tail = self.state.delta()
         if tail is not None:

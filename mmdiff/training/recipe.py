@@ -77,6 +77,9 @@ class DataRecipe:
     # with group_by_task, "shared": every data-parallel rank draws the same task at the same step
     task_order: Literal["stream", "shared"] = "stream"
     caption_choice: Literal["random", "canonical"] = "random"  # caption target: any template / the canonical one
+    # with group_by_task: a task's own *global* batch size (train.batch_size for the others), e.g.
+    # {vqa: 48}: short rows in bigger batches.  task_weights stay sample proportions.
+    task_batch_sizes: dict[str, int] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not self.shards:
@@ -88,6 +91,13 @@ class DataRecipe:
                 raise ValueError(f"task_weights.{task} must be >= 0, got {w}")
         if not any(w > 0 for w in self.task_weights.values()):
             raise ValueError("task_weights: at least one task needs a positive weight")
+        for task, n in self.task_batch_sizes.items():
+            if task not in TASKS:
+                raise ValueError(f"task_batch_sizes: unknown task {task!r} (tasks: {', '.join(TASKS)})")
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"task_batch_sizes.{task} must be an integer >= 1, got {n!r}")
+        if self.task_batch_sizes and not self.group_by_task:
+            raise ValueError("task_batch_sizes needs group_by_task: true (one task per batch)")
 
 
 @dataclass
@@ -305,11 +315,19 @@ class PipelineSource:
         from mmdiff.data.pipeline import PipelineConfig, build_dataloader
 
         d = self.recipe.data
+        share = self.recipe.train.batch_size // self.micro_batch  # ranks x accumulation steps
+        task_sizes = {}
+        for task, n in d.task_batch_sizes.items():
+            if n % share:
+                raise ValueError(f"data.task_batch_sizes.{task}={n} is not divisible by world_size x "
+                                 f"grad_accum_steps = {share}")
+            task_sizes[task] = n // share
         cfg = PipelineConfig(shards=list(d.shards), batch_size=self.micro_batch, shuffle_buffer=d.shuffle_buffer,
                              num_workers=d.num_workers, resampled=True, seed=d.seed, epoch=epoch,
                              max_bad_fraction=d.max_bad_fraction, task_weights=dict(d.task_weights),
                              max_length=self.recipe.model.max_length, group_by_task=d.group_by_task,
-                             task_order=d.task_order, caption_choice=d.caption_choice)
+                             task_order=d.task_order, caption_choice=d.caption_choice,
+                             task_batch_sizes=task_sizes)
         self._loader = build_dataloader(cfg, self.encoder, transform=_Identity(), pad_id=self.encoder.pad_id,
                                         rank=rank, world_size=world_size)
         return self._loader
