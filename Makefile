@@ -4,11 +4,12 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.mmdiff-installed
+LMMS_STAMP := $(VENV)/.mmdiff-lmms-installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv quickstart test test-slow test-all bench clean
+.PHONY: venv quickstart test test-slow test-all test-lmms bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +28,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --timeout 3600
+
+# the lmms-eval plugin (optional extra `lmms`): installed once, then its tests (marker `lmms`)
+$(LMMS_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[lmms]'
+	touch $(LMMS_STAMP)
+
+test-lmms: $(LMMS_STAMP)
+	$(BIN)/python -m pytest -q -m lmms --timeout 1800
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
