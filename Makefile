@@ -37,8 +37,10 @@ $(LMMS_STAMP): $(STAMP)
 test-lmms: $(LMMS_STAMP)
 	$(BIN)/python -m pytest -q -m lmms --timeout 1800
 
+# the benchmarks that need nothing but the repository (the others take trained models: benchmarks/README.md)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/pipeline_throughput.py --samples 2000 --workers 0 1 --json
+	$(BIN)/python benchmarks/train_throughput.py --batch 32 --seq 160 --dtype fp32 --repeats 5 --threads 1 --json
 
 clean:
 	rm -rf quickstart_out runs outputs
