@@ -5,7 +5,7 @@
     transfer.py        how many to commit per step: schedule, fixed, threshold, factor
     guidance.py        per-modality classifier-free guidance (LLaDA mask-prompt, Muse empty-prompt)
     caches.py          model calls + cache strategies: none, prefix_exact, prefix, dual, skip-unchanged
-    remasking.py       ReMDM-style refinement (re-mask low-confidence committed tokens)
+    remasking.py       ReMDM-style remasking: low-confidence loop phase, per-step "cap" in the main loop
     sampling_utils.py  float64 vocabulary restriction, top-k, top-p, Gumbel-max, top-n selection
     scheduler.py       MaskedDiffusionScheduler: the diffusers set_timesteps/step/add_noise shape
 

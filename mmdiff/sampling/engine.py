@@ -9,7 +9,9 @@ the prompt followed by mask tokens at the target positions.  Starting from it, e
     x0      ~ softmax(logits / T) with top-k / top-p   (Gumbel-max, float64; argmax at T = 0)
     score_i = position score(probs, x0)                 (confidence, margin, entropy, ...)
     n_b     = transfer rule(...)                        (schedule / fixed / threshold / factor)
-    commit  the n_b masked positions of the current block with the highest score: x_i <- x0_i
+    k_b     = re-mask count (``remask.strategy: cap``; 0 otherwise)
+    commit  the n_b + k_b masked positions of the current block with the highest score: x_i <- x0_i
+    re-mask the k_b committed generated tokens of the block with the lowest p(current token)
 
 until no target position is masked.  The parts are small classes chosen by :class:`SamplerConfig`
 (:mod:`scores`, :mod:`transfer`, :mod:`guidance`, :mod:`caches`, :mod:`remasking`).
@@ -32,7 +34,8 @@ runs 2B rows (``rows_per_pass``), i.e. the conditional and unconditional branche
 pass; multiply by ``rows_per_pass / B`` for "per-sample network evaluations".  Cached calls that
 compute only part of the sequence still count as one pass; ``query_tokens`` (Σ rows × computed
 slots) measures their lower cost.  ``tokens_per_pass[j]`` is the number of tokens committed with
-the logits of pass j (a skipped, reused pass adds to the previous one).
+the logits of pass j (a skipped, reused pass adds to the previous one).  Remasking with
+``strategy: cap`` adds no passes; ``low_confidence`` adds ``remask.steps + 1``.
 
 Determinism — all randomness comes from ``generator``, drawn in a fixed order per step: the
 Gumbel noise of the token draw (B, Lb, V) when T > 0, then the score's noise (B, Lb) for the
@@ -90,21 +93,34 @@ class GuidanceConfig:
 
 @dataclass
 class RemaskConfig:
-    """ReMDM-style refinement after the canvas is full (:mod:`mmdiff.sampling.remasking`).
+    """ReMDM-style remasking (:mod:`mmdiff.sampling.remasking`).
 
-    strategy: ``none`` (committed tokens are final) or ``low_confidence``; steps: refinement
-    rounds (each one forward pass, plus one final pass); ratio: fraction re-masked per round.
+    strategy: ``none`` (committed tokens are final), ``low_confidence`` (refinement rounds after
+    the canvas is full) or ``cap`` (re-masking inside the main loop, no extra passes); steps:
+    ``low_confidence`` rounds (each one forward pass, plus one final pass; must be 0 with
+    ``cap``); ratio: fraction re-masked per ``low_confidence`` round; eta: η ∈ (0, 1) of ``cap``,
+    the largest fraction of a block's committed tokens re-masked per step.
     """
 
-    strategy: Literal["none", "low_confidence"] = "none"
+    strategy: Literal["none", "low_confidence", "cap"] = "none"
     steps: int = 0
     ratio: float = 0.1
+    eta: float = 0.05
 
     def validate(self) -> None:
+        if self.strategy not in REMASKERS:
+            raise ValueError(f"unknown remask.strategy {self.strategy!r}; known: {sorted(REMASKERS)}")
         if self.steps < 0:
             raise ValueError(f"remask.steps must be >= 0, got {self.steps}")
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"remask.ratio must be in (0, 1], got {self.ratio}")
+        if not 0.0 < self.eta < 1.0:
+            raise ValueError(f"remask.eta must be in (0, 1), got {self.eta}")
+        if self.strategy == "cap" and self.steps != 0:
+            raise ValueError(
+                f"remask.steps must be 0 with remask.strategy 'cap' (it re-masks inside the main loop), "
+                f"got {self.steps}"
+            )
 
 
 @dataclass
@@ -178,6 +194,11 @@ class SamplerConfig:
         self.schedule.validate()
         self.guidance.validate()
         self.remask.validate()
+        if self.remask.strategy == "cap" and self.transfer not in ("schedule", "fixed"):
+            raise ValueError(
+                f"remask.strategy 'cap' needs transfer 'schedule' or 'fixed' (a count per step), "
+                f"got transfer={self.transfer!r}"
+            )
 
 
 _TRANSFERS = {
@@ -359,8 +380,16 @@ class Sampler:
                 step = predict(bs, be, new_block=(k == 0), progress=self.transfer.progress(ctx))
                 ctx.confidence = step.probs.gather(-1, step.x0[..., None]).squeeze(-1)  # (B, Lb)
                 n = self.transfer.count(ctx)  # (B,)
+                again = None
+                if self.remasker.in_loop:  # ReMDM cap: commit k more, re-mask k committed
+                    done = to_fill[:, bs:be] & ~candidates  # (B, Lb) generated, committed before
+                    current = step.probs.gather(-1, x[:, bs:be, None]).squeeze(-1)  # (B, Lb)
+                    again = self.remasker.select_in_step(current, done, n_left - n)
+                    n = n + again.sum(-1)
                 sel = select_top_n(step.score, candidates, n)  # (B, Lb)
                 x[:, bs:be] = torch.where(sel, step.x0, x[:, bs:be])
+                if again is not None:
+                    x[:, bs:be] = x[:, bs:be].masked_fill(again, mask_token_id)
                 record(sel, step.pass_id, bs, be)
                 k += 1
             if cfg.stop_at_eos:
