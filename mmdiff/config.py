@@ -122,7 +122,8 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
         except ValueError as e:
             if isinstance(e, ConfigError):
                 raise
-            raise ConfigError(f"{prefix}{e}" if prefix else str(e)) from None
+            msg = str(e)  # a nested validate() may already name its section: "remask.ratio ..."
+            raise ConfigError(msg if not prefix or msg.startswith(prefix) else prefix + msg) from None
     return obj
 
 

@@ -79,3 +79,12 @@ def test_round_trip(tmp_path):
     save_config(cfg, tmp_path / "out.yaml")
     again = load_config(Recipe, tmp_path / "out.yaml")
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_nested_validation_message_names_the_key_once():
+    from mmdiff.config import from_dict
+    from mmdiff.sampling.engine import SamplerConfig
+
+    with pytest.raises(ConfigError) as e:
+        from_dict(SamplerConfig, {"remask": {"ratio": 2.0}})
+    assert str(e.value).startswith("remask.ratio must be in (0, 1]"), str(e.value)
