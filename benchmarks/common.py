@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: timing, medians, machine info, JSON output.
+"""Shared helpers for the benchmark scripts: timing, medians, machine info, JSON output, and the
+extra peak memory of one call (``peak_extra_mb``, in a forked child).
 
 Conventions every script in ``benchmarks/`` follows:
 
@@ -17,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from typing import Callable, Sequence
@@ -33,6 +35,7 @@ __all__ = [
     "cpu_flags",
     "emit_json",
     "format_table",
+    "peak_extra_mb",
 ]
 
 
@@ -201,3 +204,36 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 def emit_json(obj: dict) -> None:
     """Print ``obj`` as one JSON line (must be the last line of stdout under ``--json``)."""
     print(json.dumps(obj, default=str), flush=True)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_extra_mb(fn) -> float | None:
+    """Extra resident memory (MB) of one call of ``fn``: run in a forked child, its peak RSS minus its
+    RSS at the fork (a forked child's peak starts at the parent's RSS).  None where fork is missing."""
+    if not hasattr(os, "fork") or not os.path.exists("/proc/self/status"):
+        return None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report through the pipe, exit without cleanup
+        code = 1
+        try:
+            os.close(r)
+            base = _rss_mb()
+            fn()
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            os.write(w, f"{peak - base:.1f}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    return float(data) if status == 0 and data else None

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import emit_json, format_table, median  # noqa: E402
+from common import emit_json, format_table, median, peak_extra_mb  # noqa: E402
 
 BLOCK = 32
 
@@ -61,41 +61,6 @@ def settings(gen: int, task: str = "describe", block: int = BLOCK):
         "threshold": SamplerConfig(**base, transfer="threshold", threshold=0.9),
         "dual+threshold": SamplerConfig(**base, cache="dual", transfer="threshold", threshold=0.9),
     }
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def peak_extra_mb(fn) -> float | None:
-    """Extra resident memory (MB) of one call of ``fn``: run in a forked child, its peak RSS minus its
-    RSS at the fork (a forked child's peak starts at the parent's RSS).  None where fork is missing."""
-    import os
-
-    if not hasattr(os, "fork") or not os.path.exists("/proc/self/status"):
-        return None
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: measure, report through the pipe, exit without cleanup
-        code = 1
-        try:
-            os.close(r)
-            base = _rss_mb()
-            fn()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            os.write(w, f"{peak - base:.1f}".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r) as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    return float(data) if status == 0 and data else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,9 @@ Batch 1, the test split's canonical captions as prompts, side by side and interl
 (median of per-round ratios).  Masked: the engine's text-to-image defaults (Gumbel-confidence
 MaskGIT order, cosine schedule, CFG 3.0, and without CFG) at ``--steps`` steps; AR: ``ar_generate`` with the KV
 cache, temperature 1.0 over the code ids only, one pass per code.  Reported: seconds per image,
-NFE, speedup of masked over AR, ShapesEval of both (overall and by category), peak RSS.
+NFE, speedup of masked over AR, ShapesEval of both (overall and by category), each setting's peak
+memory on top of the loaded models (``+MB``: one image, batch 1 as timed, generated in a forked child,
+its peak RSS minus its RSS at the fork), peak RSS of the whole run.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import emit_json, format_table, median  # noqa: E402
+from common import emit_json, format_table, median, peak_extra_mb  # noqa: E402
 
 
 def ar_image(bundle, prompt: str, seed: int):
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             if r == 0:
                 images[name] = [im for im, _ in outs]
                 nfe[name] = sum(n for _, n in outs) / len(outs)
+    # one call per setting (the first prompt, batch 1 as timed) in a forked child, after the timed rounds
+    memory = {name: peak_extra_mb(lambda name=name: variants[name](prompts[0], 0)) for name in names}
     base = times["ar-kv-cache"]
     rows = []
     for name in names:
@@ -124,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"setting": name, "seconds_per_image": median(times[name]), "nfe": nfe[name],
                      "speedup_vs_ar": median([b / x for b, x in zip(base, times[name])]),
                      "shapes_eval": se["overall"], "single_object": se["single_object"],
-                     "two_objects": se["two_objects"], "three_objects": se["three_objects"]})
+                     "two_objects": se["two_objects"], "three_objects": se["three_objects"],
+                     "peak_extra_mb": memory[name]})
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(format_table(rows, [("setting", "setting", ""), ("seconds_per_image", "s/image", ".3f"),
                               ("nfe", "NFE", ".0f"), ("speedup_vs_ar", "× AR", ".2f"),
-                              ("shapes_eval", "ShapesEval", ".3f")]))
+                              ("shapes_eval", "ShapesEval", ".3f"), ("peak_extra_mb", "+MB", ".1f")]))
     print(f"peak RSS {peak_mb:.0f} MB", file=sys.stderr)
     if a.json:
         emit_json({"masked": a.masked, "ar": a.ar, "prompts": len(prompts), "rounds": a.rounds,
