@@ -10,6 +10,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread per test process: the CPU is shared (``pytest -n 2`` on 2 cores), and
+    oversubscribed threads are very slow.  Subprocesses the tests start set OMP_NUM_THREADS=1."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """{'train': dir, 'test': dir, 'tokenizer': dir} with 120 train / 40 test scenes."""

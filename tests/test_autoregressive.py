@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmdiff.sampling.autoregressive import ar_generate
-from test_generation import _one_thread, bundle  # noqa: F401  (the tiny model and its fixtures)
+from test_generation import bundle  # noqa: F401  (the tiny model fixture)
 
 
 def _canvas(bundle, task, prompts, images=None):

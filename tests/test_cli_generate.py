@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from mmdiff import cli
 from mmdiff.cli_generate import add_generate
@@ -17,10 +16,6 @@ def _registered(monkeypatch):
     """Register ``generate`` unless mmdiff.cli already does."""
     if add_generate not in cli._ADDERS:
         monkeypatch.setattr(cli, "_ADDERS", [*cli._ADDERS, add_generate])
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -46,13 +46,6 @@ ROW_KEYS = {"key", "index", "sample_key", "prediction", "reference", "scores", "
             "batch_size", "peak_memory_mb", "settings", "settings_hash", "rank"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:

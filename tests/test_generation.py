@@ -79,14 +79,6 @@ def bundle(tmp_path_factory):
     return load_bundle(tiny_bundle_dir(tmp_path_factory))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: oversubscribed threads are very slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from test_generation import tiny_bundle_dir  # the shared tiny model directory builder
 
@@ -40,14 +39,6 @@ def plugin():
 
     return module
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared; one thread also matches the subprocess (OMP_NUM_THREADS=1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

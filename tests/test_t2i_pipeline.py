@@ -27,13 +27,6 @@ def pipe(bundle):
     return p
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _arrays(images) -> list[np.ndarray]:
     return [np.asarray(im) for im in images]
