@@ -225,7 +225,6 @@ class MMDiffLMM(lmms):
         """Greedy mmdiff generation for each request, batched ``batch_size`` requests of one route
         at a time (request order kept within a route), cut at the first ``until`` stop string."""
         out: list[str | None] = [None] * len(requests)
-        pending: dict[str, list] = {}
         pbar = self._progress(len(requests), "Model Responding")
 
         def flush(route: str, batch: list) -> None:
@@ -235,18 +234,15 @@ class MMDiffLMM(lmms):
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), out[i])
             pbar.update(len(batch))
 
-        for i, req in enumerate(requests):
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            gen_kwargs = dict(gen_kwargs or {})
-            truncate_at("", gen_kwargs.get("until"))  # a bad `until` fails before any sampling
-            image = self._image(doc_to_visual, doc_id, task, split)
-            route = self._route(image, doc_id, task, split)
-            batch = pending.setdefault(route, [])
-            batch.append((i, context, image, gen_kwargs))
-            if len(batch) == self.batch_size:
-                flush(route, pending.pop(route))
-        for route, batch in pending.items():
-            flush(route, batch)
+        def items():
+            for i, req in enumerate(requests):
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+                gen_kwargs = dict(gen_kwargs or {})
+                truncate_at("", gen_kwargs.get("until"))  # a bad `until` fails before any sampling
+                image = self._image(doc_to_visual, doc_id, task, split)
+                yield self._route(image, doc_id, task, split), (i, context, image, gen_kwargs)
+
+        self._in_batches(items(), flush)
         pbar.close()
         return out  # type: ignore[return-value]
 
@@ -265,7 +261,6 @@ class MMDiffLMM(lmms):
         generation with the same settings gives exactly the continuation.
         """
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        pending: dict[str, list] = {}
         pbar = self._progress(len(requests), "Model Responding")
 
         def flush(route: str, batch: list) -> None:
@@ -276,23 +271,33 @@ class MMDiffLMM(lmms):
                 self.cache_hook.add_partial("loglikelihood", (context, continuation), out[i])
             pbar.update(len(batch))
 
-        for i, req in enumerate(requests):
-            # (context, target, doc_to_visual, doc_id, task, split); unconditional requests are (context, target)
-            context, target, doc_to_visual, doc_id, task, split = (*req.args, None, None, None, None)[:6]
-            continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
-            if not isinstance(continuation, str):
-                raise ValueError(f"task {task!r} doc_id {doc_id}: the continuation must be a string, "
-                                 f"got {type(continuation).__name__}")
-            image = self._image(doc_to_visual, doc_id, task, split)
-            route = self._route(image, doc_id, task, split)
+        def items():
+            for i, req in enumerate(requests):
+                # (context, target, doc_to_visual, doc_id, task, split); unconditional requests are (context, target)
+                context, target, doc_to_visual, doc_id, task, split = (*req.args, None, None, None, None)[:6]
+                continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+                if not isinstance(continuation, str):
+                    raise ValueError(f"task {task!r} doc_id {doc_id}: the continuation must be a string, "
+                                     f"got {type(continuation).__name__}")
+                image = self._image(doc_to_visual, doc_id, task, split)
+                yield (self._route(image, doc_id, task, split),
+                       (i, context, continuation.strip(), image, f"{task}/{split}/{doc_id}"))
+
+        self._in_batches(items(), flush)
+        pbar.close()
+        return out  # type: ignore[return-value]
+
+    def _in_batches(self, items, flush) -> None:
+        """Group ``(route, item)`` pairs by route in request order; ``flush(route, batch)`` every
+        ``batch_size`` items of a route, then the partial batches."""
+        pending: dict[str, list] = {}
+        for route, item in items:
             batch = pending.setdefault(route, [])
-            batch.append((i, context, continuation.strip(), image, f"{task}/{split}/{doc_id}"))
+            batch.append(item)
             if len(batch) == self.batch_size:
                 flush(route, pending.pop(route))
         for route, batch in pending.items():
             flush(route, batch)
-        pbar.close()
-        return out  # type: ignore[return-value]
 
     def _elbo(self, route: str, batch: list) -> list[float]:
         """Monte-Carlo ELBO (nats) of each item's continuation; see ``loglikelihood``."""
