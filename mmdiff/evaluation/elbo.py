@@ -43,7 +43,7 @@ from torch import Tensor
 from mmdiff.diffusion.objectives import OBJECTIVE_KEYS, token_nll
 from mmdiff.diffusion.schedules import LinearSchedule, MaskSchedule
 
-__all__ = ["ElboResult", "masked_diffusion_elbo", "mask_count_probs"]
+__all__ = ["ElboResult", "bundle_elbo", "encode_for_elbo", "masked_diffusion_elbo", "mask_count_probs"]
 
 
 @dataclass
@@ -201,3 +201,42 @@ def masked_diffusion_elbo(
         stderr=stderr.to(device),
         samples=estimates.to(device),
     )
+
+
+# ------------------------------------------------------------------- on a model directory
+def encode_for_elbo(processor, task: str, prompt: str, target: str, *, min_answer_length: int = 0,
+                    pixel_values: Tensor | None = None, key: str | None = None):
+    """``processor.encode`` with the task's answer region widened to hold all of ``target`` + EOS
+    (at least ``min_answer_length`` slots) and no length cap: the scored canvas is the target
+    followed by EOS padding, laid out as in training.  The caller checks the model's context."""
+    import copy
+    import dataclasses
+    import sys
+
+    need = len(processor.encode_text(target)) + 1  # + EOS
+    wide = copy.copy(processor)
+    wide.cfg = dataclasses.replace(processor.cfg, max_length=sys.maxsize,
+                                   answer_lengths={**processor.cfg.answer_lengths,
+                                                   task: max(min_answer_length, need)})
+    return wide.encode(task, prompt, target, pixel_values=pixel_values, key=key)
+
+
+def bundle_elbo(bundle, encodings: list, *, num_samples: int, seed: int, stratified: bool = True,
+                samples_per_call: int = 1) -> ElboResult:
+    """``masked_diffusion_elbo`` of a loaded model directory (``mmdiff.models.bundle``) on
+    processor encodings (e.g. from :func:`encode_for_elbo`): collated, moved to the model's
+    device, images through the vision tower; linear schedule, the model's attention mode."""
+    proc, model = bundle.processor, bundle.model
+    dev = next(model.parameters()).device
+    coll = proc.collate(encodings)
+    batch = {k: coll[k].to(dev) for k in ("input_ids", "attention_mask", "target_mask", "prompt_mask", "image_slots")}
+    if coll.get("pixel_values") is not None:
+        batch["pixel_values"] = coll["pixel_values"].to(dev)
+
+    def model_fn(ids, attention_mask, attention_mode, prompt_mask, image_slots=None, pixel_values=None, **_):
+        return model(input_ids=ids, attention_mask=attention_mask, attention_mode=attention_mode,
+                     prompt_mask=prompt_mask, image_slots=image_slots, pixel_values=pixel_values).logits
+
+    return masked_diffusion_elbo(model_fn, batch, proc.mask_id, num_samples=num_samples, schedule=LinearSchedule,
+                                 stratified=stratified, attention_mode=model.backbone.config.attention_mode,
+                                 samples_per_call=samples_per_call, generator=torch.Generator(dev).manual_seed(seed))

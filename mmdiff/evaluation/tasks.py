@@ -42,7 +42,6 @@ per-token negative log-likelihood (and on its perplexity).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -552,10 +551,7 @@ class TextTask(EvalTask):
                 "elbo": to_dict(cfg.elbo)}
 
     def run(self, bundle, items, settings, seed, ctx):
-        import sys
-
-        from mmdiff.diffusion.schedules import LinearSchedule
-        from mmdiff.evaluation.elbo import masked_diffusion_elbo
+        from mmdiff.evaluation.elbo import bundle_elbo, encode_for_elbo
         from mmdiff.generation import context_limit
 
         proc = bundle.processor
@@ -563,33 +559,19 @@ class TextTask(EvalTask):
         rows: list[dict | None] = [None] * len(items)
         encs, slots, text_tokens = [], [], []
         for i, it in enumerate(items):
-            n_text = len(proc.encode_text(it.reference)) + 1  # + EOS
-            wide = copy.copy(proc)
-            wide.cfg = dataclasses.replace(
-                proc.cfg, max_length=sys.maxsize,
-                answer_lengths={**proc.cfg.answer_lengths, "text": max(settings["answer_length"], n_text)})
-            enc = wide.encode("text", "", it.reference, key=it.key)
+            enc = encode_for_elbo(proc, "text", "", it.reference, min_answer_length=settings["answer_length"],
+                                  key=it.key)
             if len(enc.input_ids) > limit:
                 rows[i] = {"prediction": None, "scores": None, "nfe": 0,
                            "error": f"too long: {len(enc.input_ids)} tokens > the model context {limit} ({where})"}
                 continue
             encs.append(enc)
             slots.append(i)
-            text_tokens.append(n_text)
+            text_tokens.append(len(proc.encode_text(it.reference)) + 1)  # + EOS
         if encs:
-            dev = next(bundle.model.parameters()).device
-            batch = proc.collate(encs)
-            batch = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "target_mask", "prompt_mask")}
-
-            def model_fn(ids, attention_mask, attention_mode, prompt_mask, **_):
-                return bundle.model(input_ids=ids, attention_mask=attention_mask, attention_mode=attention_mode,
-                                    prompt_mask=prompt_mask).logits
-
             el = settings["elbo"]
-            res = masked_diffusion_elbo(
-                model_fn, batch, proc.mask_id, num_samples=el["num_samples"], schedule=LinearSchedule,
-                stratified=el["stratified"], attention_mode=settings["attention_mode"],
-                samples_per_call=el["samples_per_call"], generator=torch.Generator(dev).manual_seed(seed))
+            res = bundle_elbo(bundle, encs, num_samples=el["num_samples"], seed=seed, stratified=el["stratified"],
+                              samples_per_call=el["samples_per_call"])
             nfe = math.ceil(el["num_samples"] / el["samples_per_call"])
             for j, i in enumerate(slots):
                 nll = float(res.nll[j])

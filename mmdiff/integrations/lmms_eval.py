@@ -24,8 +24,6 @@ lmms-eval is imported here only; without it this module raises ImportError namin
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -301,41 +299,21 @@ class MMDiffLMM(lmms):
 
     def _elbo(self, route: str, batch: list) -> list[float]:
         """Monte-Carlo ELBO (nats) of each item's continuation; see ``loglikelihood``."""
-        import torch
-
-        from mmdiff.diffusion.schedules import LinearSchedule
-        from mmdiff.evaluation.elbo import masked_diffusion_elbo
+        from mmdiff.evaluation.elbo import bundle_elbo, encode_for_elbo
         from mmdiff.generation import context_limit
 
-        b, proc, model = self.bundle, self.bundle.processor, self.bundle.model
-        limit, where = context_limit(proc, model)
+        b, proc = self.bundle, self.bundle.processor
+        limit, where = context_limit(proc, b.model)
         encs = []
         for _, context, continuation, image, key in batch:
-            wide = copy.copy(proc)
-            n = max(proc.cfg.answer_lengths.get(route, 0), len(proc.encode_text(continuation)) + 1)
-            wide.cfg = dataclasses.replace(proc.cfg, max_length=sys.maxsize,
-                                           answer_lengths={**proc.cfg.answer_lengths, route: n})
-            pixels = b.image_transform(image) if image is not None else None
-            prompt = context if route in ("vqa", "text") else ""
-            enc = wide.encode(route, prompt, continuation, pixel_values=pixels, key=key)
+            enc = encode_for_elbo(proc, route, context if route in ("vqa", "text") else "", continuation,
+                                  min_answer_length=proc.cfg.answer_lengths.get(route, 0), key=key,
+                                  pixel_values=b.image_transform(image) if image is not None else None)
             if len(enc.input_ids) > limit:
                 raise ValueError(f"{key}: context + continuation = {len(enc.input_ids)} tokens > the model "
                                  f"context {limit} ({where})")
             encs.append(enc)
-        coll = proc.collate(encs)
-        dev = next(model.parameters()).device
-        inputs = {k: coll[k].to(dev) for k in ("input_ids", "attention_mask", "target_mask", "prompt_mask",
-                                               "image_slots")}
-        if coll["pixel_values"] is not None:
-            inputs["pixel_values"] = coll["pixel_values"].to(dev)
-
-        def model_fn(ids, attention_mask, attention_mode, prompt_mask, image_slots=None, pixel_values=None, **_):
-            return model(input_ids=ids, attention_mask=attention_mask, attention_mode=attention_mode,
-                         prompt_mask=prompt_mask, image_slots=image_slots, pixel_values=pixel_values).logits
-
-        res = masked_diffusion_elbo(model_fn, inputs, proc.mask_id, num_samples=self.elbo_samples,
-                                    schedule=LinearSchedule, attention_mode=model.backbone.config.attention_mode,
-                                    generator=torch.Generator(dev).manual_seed(self.seed))
+        res = bundle_elbo(b, encs, num_samples=self.elbo_samples, seed=self.seed)
         return [float(x) for x in res.nll]
 
     def generate_until_multi_round(self, requests) -> list[str]:
