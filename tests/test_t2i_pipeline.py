@@ -86,3 +86,28 @@ def test_pipeline_bad_input(pipe, bundle):
                           MMDiffT2IPipeline.default_scheduler(bundle.processor, mask_token_id=99))
     with pytest.raises(ValueError, match="bundle: .* no VQ"):
         MMDiffT2IPipeline.from_bundle(dataclasses.replace(bundle, vq=None))
+
+
+def test_pipeline_keeps_tiled_patch_vq_options(bundle, tmp_path, monkeypatch):
+    """A VQ adapter with tiles and space-to-depth patches (one code per 4-px tile, like the 48-px
+    Shapes cells) survives save_pretrained / from_pretrained: the rebuilt adapter decodes the same."""
+    from mmdiff.models.vq import VQConfig, VQTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    vq = VQTokenizer(VQConfig(image_size=16, tile_size=4, patch_size=4, block_out_channels=[16], norm_num_groups=4,
+                              latent_channels=8, num_vq_embeddings=16, vq_embed_dim=4)).eval()
+    assert vq.grid_size() == bundle.vq.grid_size()  # the tiny model's 4 x 4 code grid
+    p = MMDiffT2IPipeline(bundle.model, vq, bundle.tokenizer, MMDiffT2IPipeline.default_scheduler(bundle.processor))
+    p.set_progress_bar_config(disable=True)
+    assert (p.config.vq_tile_size, p.config.vq_patch_size) == (4, 4)
+    p.save_pretrained(tmp_path / "pipe")
+    loaded = MMDiffT2IPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    cfg = loaded.vq_tokenizer.config
+    assert (cfg.tile_size, cfg.patch_size, cfg.image_size, cfg.in_channels) == (4, 4, 16, 3)
+    codes = torch.randint(0, 16, (2, 4, 4))
+    assert torch.equal(loaded.vq_tokenizer.decode_codes(codes), vq.decode_codes(codes))
+    a = p("a red circle", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
+    b = loaded("a red circle", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.images, b.images)

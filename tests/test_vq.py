@@ -329,3 +329,49 @@ def test_tiled_config_validation_and_trainer():
     first = t.loss(x[:8])[1]["rec"]
     t.fit(x)
     assert t.loss(x[:8])[1]["rec"] < first
+
+
+# ------------------------------------------------------------------------------ space-to-depth patches
+def test_patch_size_codes_pixel_patches_through_unshuffle(tmp_path):
+    """patch_size: the VQModel sees (3 p^2, H/p, W/p) positions; with one block a 24-px image gives
+    3 x 3 codes, equal to encoding ``pixel_unshuffle(x)`` by hand, and decoding shuffles back."""
+    cfg = tiny_config(image_size=24, patch_size=8, block_out_channels=[16])
+    assert cfg.downsample_factor == 8 and cfg.grid_size() == (3, 3)
+    tok = VQTokenizer(cfg).eval()
+    assert tok.model.config.in_channels == 3 * 64 and tok.model.config.out_channels == 3 * 64
+    assert tok.model.config.sample_size == 3 and tok.downsample_factor == 8
+    x = scenes(2, size=24, seed=5).float() / 255
+    codes = tok.encode_to_codes(x)
+    assert codes.shape == (2, 3, 3)
+    z = torch.nn.functional.normalize(tok.model.encode(torch.nn.functional.pixel_unshuffle(x * 2 - 1, 8)).latents, dim=1)
+    assert torch.equal(tok.quantize(z)[1], codes)
+    m = tok.model
+    raw = m.decoder(m.post_quant_conv(tok.lookup(codes)))  # (2, 192, 3, 3)
+    recon = tok.decode_codes(codes)
+    assert recon.shape == (2, 3, 24, 24)
+    assert torch.allclose(recon, ((torch.nn.functional.pixel_shuffle(raw, 8) + 1) / 2).clamp(0, 1), atol=1e-6)
+    tok.save_pretrained(tmp_path)
+    loaded = VQTokenizer.from_pretrained(tmp_path).eval()
+    assert loaded.config.patch_size == 8 and torch.equal(loaded.encode_to_codes(x), codes)
+
+
+def test_patch_and_tile_code_each_cell_alone_and_train():
+    """tile_size == patch_size: one code per tile from that tile's pixels only (a per-cell MLP);
+    the trainer lowers the reconstruction loss; bad sizes are refused by name."""
+    cfg = tiny_config(image_size=24, tile_size=8, patch_size=8, block_out_channels=[16])
+    tok = VQTokenizer(cfg)
+    x = scenes(32, size=24, seed=1).float() / 255
+    with torch.no_grad():
+        codes = tok.encode_to_codes(x[:2])
+        y = x[:2].clone()
+        y[0, :, 8:16, 0:8] = torch.rand(3, 8, 8)
+        diff = tok.encode_to_codes(y) != codes
+    assert not diff[0].flatten()[[0, 1, 2, 4, 5, 6, 7, 8]].any() and not diff[1].any()
+    t = VQTrainer(tok, VQTrainConfig(steps=30, batch_size=8, lr=3e-3, log_every=0))
+    first = t.loss(x[:8])[1]["rec"]
+    t.fit(x)
+    assert t.loss(x[:8])[1]["rec"] < first
+    with pytest.raises(ValueError, match="patch_size"):
+        tiny_config(image_size=24, patch_size=0).validate()
+    with pytest.raises(ValueError, match="divisible by the downsample factor 16"):
+        tiny_config(image_size=24, patch_size=8, block_out_channels=[16, 16]).validate()

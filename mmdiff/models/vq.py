@@ -76,10 +76,18 @@ class VQConfig:
     # side by side.  For scenes made of independent cells (the Shapes world's 3x3 grid) a tile
     # per cell with downsample == tile gives one code per cell: 9 image tokens at 48 px.
     tile_size: int = 0
+    # > 1: space-to-depth before the VQModel (``pixel_unshuffle``): every p x p pixel patch becomes
+    # one position with 3 * p * p channels, and the decoder's output is shuffled back.  With one
+    # block (no convolutional downsampling) and ``tile_size == patch_size`` each tile is a single
+    # position, so the encoder and decoder act on it as per-tile MLPs: a shallow, fast network
+    # that gives one code per Shapes cell at 48 px (the deep downsample-16 conv stack learned
+    # too slowly on a CPU; BENCHMARKS.md).
+    patch_size: int = 1
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+        """Pixels per code along each side: the patch times the convolutional downsampling."""
+        return self.patch_size * 2 ** (len(self.block_out_channels) - 1)
 
     @property
     def code_dim(self) -> int:
@@ -100,6 +108,8 @@ class VQConfig:
                 )
         if self.tile_size < 0:
             raise ValueError(f"tile_size must be >= 0, got {self.tile_size}")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         if self.tile_size and (self.image_size % self.tile_size or self.tile_size % self.downsample_factor):
             raise ValueError(
                 f"tile_size={self.tile_size} must divide image_size={self.image_size} and be divisible by "
@@ -107,7 +117,7 @@ class VQConfig:
         if self.image_size <= 0 or self.image_size % self.downsample_factor:
             raise ValueError(
                 f"image_size={self.image_size} must be divisible by the downsample factor "
-                f"{self.downsample_factor} (= 2 ** (len(block_out_channels) - 1))"
+                f"{self.downsample_factor} (= patch_size * 2 ** (len(block_out_channels) - 1))"
             )
         if self.num_vq_embeddings < 2:
             raise ValueError(f"num_vq_embeddings must be >= 2, got {self.num_vq_embeddings}")
@@ -119,15 +129,16 @@ class VQConfig:
     def diffusers_kwargs(self) -> dict:
         """Keyword arguments for ``diffusers.VQModel``."""
         n = len(self.block_out_channels)
+        p2 = self.patch_size ** 2
         return dict(
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
+            in_channels=self.in_channels * p2,
+            out_channels=self.out_channels * p2,
             down_block_types=("DownEncoderBlock2D",) * n,
             up_block_types=("UpDecoderBlock2D",) * n,
             block_out_channels=tuple(self.block_out_channels),
             layers_per_block=self.layers_per_block,
             latent_channels=self.latent_channels,
-            sample_size=self.tile_size or self.image_size,
+            sample_size=(self.tile_size or self.image_size) // self.patch_size,
             num_vq_embeddings=self.num_vq_embeddings,
             norm_num_groups=self.norm_num_groups,
             vq_embed_dim=self.vq_embed_dim,
@@ -175,7 +186,8 @@ class VQTokenizer(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.model.config.block_out_channels) - 1)
+        """Pixels per code along each side (``VQConfig.downsample_factor``)."""
+        return self.config.patch_size * 2 ** (len(self.model.config.block_out_channels) - 1)
 
     def grid_size(self, image_size: int | None = None) -> tuple[int, int]:
         """(h, w) of the code grid for a square image of side ``image_size``."""
@@ -217,11 +229,13 @@ class VQTokenizer(nn.Module):
     def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> pre-quantisation latents z (N, D, h, w)."""
         x = pixel_values * 2.0 - 1.0  # [0, 1] -> [-1, 1]
+        p = self.config.patch_size
         if self.config.tile_size:
             tiles, rows, cols = self._tiles(x)
-            z = self._untile(self.model.encode(tiles).latents, x.shape[0], rows, cols)
+            z = self._untile(self.model.encode(F.pixel_unshuffle(tiles, p) if p > 1 else tiles).latents,
+                             x.shape[0], rows, cols)
         else:
-            z = self.model.encode(x).latents  # (N, D, h, w)
+            z = self.model.encode(F.pixel_unshuffle(x, p) if p > 1 else x).latents  # (N, D, h, w)
         if self.config.l2_normalize:
             z = F.normalize(z, dim=1)
         return z
@@ -250,14 +264,15 @@ class VQTokenizer(nn.Module):
         Same path as ``VQModel.decode(..., force_not_quantize=True)`` with ``lookup_from_codebook``
         off, written out so that it does not depend on that config flag.
         """
-        m = self.model
+        m, p = self.model, self.config.patch_size
         if self.config.tile_size:
             g = self.config.tile_size // self.downsample_factor  # codes per tile side
             tiles, rows, cols = self._tiles(z_q, g)
             x = m.decoder(m.post_quant_conv(tiles), tiles if m.config.norm_type == "spatial" else None)
-            return self._untile(x, z_q.shape[0], rows, cols)
+            return self._untile(F.pixel_shuffle(x, p) if p > 1 else x, z_q.shape[0], rows, cols)
         h = m.post_quant_conv(z_q)  # (N, latent_channels, h, w)
-        return m.decoder(h, z_q if m.config.norm_type == "spatial" else None)
+        x = m.decoder(h, z_q if m.config.norm_type == "spatial" else None)
+        return F.pixel_shuffle(x, p) if p > 1 else x
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()

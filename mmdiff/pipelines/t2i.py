@@ -11,7 +11,9 @@ Components (``model_index.json``)::
     vq         ["diffusers", "VQModel"]                              the raw diffusers VQ model
     tokenizer  ["transformers", "TokenizersBackend"]                 the text tokenizer
     scheduler  ["mmdiff.sampling.scheduler", "MaskedDiffusionScheduler"]
-    vq_l2_normalize  bool   (the VQ adapter's one option that is not in the VQModel config)
+    vq_l2_normalize  bool   (the VQ adapter's options that are not in the VQModel config:
+    vq_tile_size     int     cosine lookup, tiles coded alone, space-to-depth patches)
+    vq_patch_size    int
 
 diffusers saves and loads a component whose class subclasses one of its known bases
 (``ModelMixin``, ``SchedulerMixin``, transformers ``PreTrainedModel`` / tokenizers), importing
@@ -69,10 +71,23 @@ def processor_from_model(model: MMDiffForDiffusion, tokenizer: Any) -> MMProcess
     return MMProcessor(tokenizer, special, proc_cfg)
 
 
-def _vq_config(vq: VQModel, l2_normalize: bool) -> VQConfig:
-    c = vq.config
+def _vq_config(vq: VQModel, l2_normalize: bool, tile_size: int = 0, patch_size: int = 1,
+               grid: int | None = None) -> VQConfig:
+    """The adapter options around a bare ``VQModel`` (whose channels and sample size count patches).
+
+    ``grid``: codes per side of the model's image grid; it gives the image size when the VQModel's
+    own ``sample_size`` is a tile's.
+    """
+    c, p2 = vq.config, patch_size * patch_size
+    side = int(c.sample_size) * patch_size
+    if grid:
+        side = grid * patch_size * 2 ** (len(c.block_out_channels) - 1)
+    if int(c.in_channels) % p2 or int(c.out_channels) % p2:
+        raise ValueError(f"vq_patch_size={patch_size}: the VQModel's {c.in_channels} input / {c.out_channels} output "
+                         f"channels are not multiples of patch_size^2 = {p2}")
     return VQConfig(
-        image_size=int(c.sample_size), in_channels=int(c.in_channels), out_channels=int(c.out_channels),
+        image_size=side, in_channels=int(c.in_channels) // p2,
+        out_channels=int(c.out_channels) // p2, tile_size=tile_size, patch_size=patch_size,
         block_out_channels=list(c.block_out_channels), layers_per_block=int(c.layers_per_block),
         latent_channels=int(c.latent_channels), num_vq_embeddings=int(c.num_vq_embeddings),
         vq_embed_dim=c.vq_embed_dim, norm_num_groups=int(c.norm_num_groups),
@@ -103,22 +118,28 @@ class MMDiffT2IPipeline(DiffusionPipeline):
         tokenizer: Any,
         scheduler: MaskedDiffusionScheduler,
         vq_l2_normalize: bool | None = None,
+        vq_tile_size: int | None = None,
+        vq_patch_size: int | None = None,
     ):
         super().__init__()
         if isinstance(vq, VQTokenizer):
             l2 = vq.config.l2_normalize if vq_l2_normalize is None else bool(vq_l2_normalize)
+            tile = vq.config.tile_size if vq_tile_size is None else int(vq_tile_size)
+            patch = vq.config.patch_size if vq_patch_size is None else int(vq_patch_size)
             vq = vq.model
         elif isinstance(vq, VQModel):
             l2 = bool(vq_l2_normalize) if vq_l2_normalize is not None else False
+            tile, patch = int(vq_tile_size or 0), int(vq_patch_size or 1)
         else:
             raise ValueError(f"vq must be a VQTokenizer or a diffusers VQModel, got {type(vq).__name__}")
         if not isinstance(scheduler, MaskedDiffusionScheduler):
             raise ValueError(f"scheduler must be a MaskedDiffusionScheduler, got {type(scheduler).__name__}")
         self.register_modules(model=model, vq=vq, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(vq_l2_normalize=l2)
-        self.vq_tokenizer = VQTokenizer(_vq_config(vq, l2), model=vq)  # shares vq's weights
+        self.register_to_config(vq_l2_normalize=l2, vq_tile_size=tile, vq_patch_size=patch)
         self.processor = processor_from_model(model, tokenizer)
         proc = self.processor
+        grid = proc.cfg.code_grid[0] if proc.cfg.code_grid else None
+        self.vq_tokenizer = VQTokenizer(_vq_config(vq, l2, tile, patch, grid), model=vq)  # shares vq's weights
         if proc.cfg.codebook_size == 0:
             raise ValueError("model: this model has no VQ codebook (processor codebook_size=0); "
                              "it cannot generate images")
