@@ -375,3 +375,54 @@ def test_patch_and_tile_code_each_cell_alone_and_train():
         tiny_config(image_size=24, patch_size=0).validate()
     with pytest.raises(ValueError, match="divisible by the downsample factor 16"):
         tiny_config(image_size=24, patch_size=8, block_out_channels=[16, 16]).validate()
+
+
+def test_one_position_vq_runs_convs_as_centre_taps():
+    """tile == patch: every VQModel input is 1 x 1, and its convolutions run as the centre tap
+    (a linear map): the same reconstructions and gradients as the plain convolutions."""
+    import types
+
+    cfg = tiny_config(image_size=24, tile_size=8, patch_size=8, block_out_channels=[16])
+    tok = VQTokenizer(cfg)
+    convs = [m for m in tok.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(isinstance(m.__dict__.get("forward"), types.MethodType) for m in convs)
+    plain = VQTokenizer(cfg)
+    plain.load_state_dict(tok.state_dict())
+    for m in plain.model.modules():
+        m.__dict__.pop("forward", None)  # back to nn.Conv2d.forward
+    x = scenes(4, size=24, seed=2).float() / 255
+    outs, grads = [], []
+    for t in (tok, plain):
+        y = t.decode_latents(t.encode_latents(x))
+        y.square().mean().backward()
+        outs.append(y.detach())
+        grads.append(t.model.encoder.conv_in.weight.grad.clone())
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert not any("forward" in m.__dict__ for m in VQTokenizer(tiny_config(image_size=24, patch_size=8,
+                                                                             block_out_channels=[16])).modules())
+
+
+def test_far_dead_code_restarts_go_where_the_codebook_is_thin():
+    """dead_code_sampling="far" (k-means++ seeding): restarted codes land on latents far from the
+    live codes, not on the commonest latent as uniform picks mostly do."""
+    from mmdiff.training.vq_trainer import _far_picks
+
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    latents = torch.cat([a.repeat(90, 1), b.repeat(10, 1)])  # (100, 2): 90% "background"
+    g = torch.Generator().manual_seed(0)
+    picks = _far_picks(latents, a[None], 5, g)  # a is covered by a live code
+    assert (picks >= 90).all()
+    for seed in range(5):  # nothing live: the second pick is always the other cluster
+        first, second = _far_picks(latents, torch.zeros(0, 2), 2, torch.Generator().manual_seed(seed)).tolist()
+        assert (first >= 90) != (second >= 90)
+    tok = VQTokenizer(tiny_config(num_vq_embeddings=4, vq_embed_dim=2))
+    t = VQTrainer(tok, VQTrainConfig(dead_code_sampling="far", log_every=0))
+    with torch.no_grad():
+        tok.codebook.data[:] = a
+    t.usage_since_check[:] = torch.tensor([5, 0, 0, 0])  # codes 1-3 dead
+    z = latents.t().reshape(1, 2, 10, 10)
+    assert t._restart_dead_codes(z, g) == 3
+    assert torch.allclose(tok.codebook.data[1:], b.expand(3, 2), atol=1e-2)
+    with pytest.raises(ValueError, match="dead_code_sampling"):
+        VQTrainConfig(dead_code_sampling="kmeans").validate()

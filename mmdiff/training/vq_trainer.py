@@ -73,6 +73,11 @@ class VQTrainConfig:
     dead_code_every: int = 25  # steps between dead-code restarts; 0 disables
     dead_code_threshold: int = 1  # a code used fewer times than this since the last check is dead
     dead_code_until: float = 0.8  # stop restarting after this fraction of steps (let codes settle)
+    # where a dead code restarts: "uniform" = a random latent of the batch; "far" = a latent drawn
+    # with probability proportional to its squared distance to the nearest live code (k-means++
+    # seeding), so codes go where the codebook is thin instead of onto the commonest latent (in a
+    # Shapes batch ~60% of cells are empty background, and uniform restarts land there).
+    dead_code_sampling: Literal["uniform", "far"] = "uniform"
     max_minutes: float = 0.0  # wall-clock budget; 0 = none. The LR schedule follows whichever of
     # steps / time runs out first, so a time-boxed run still anneals.
     num_threads: int = 0  # torch.set_num_threads during training; 0 leaves it alone
@@ -104,6 +109,8 @@ class VQTrainConfig:
             raise ValueError("beta, warmup_steps and dead_code_every must be >= 0")
         if not 0.0 <= self.dead_code_until <= 1.0:
             raise ValueError("dead_code_until must be in [0, 1]")
+        if self.dead_code_sampling not in ("uniform", "far"):
+            raise ValueError(f"dead_code_sampling must be 'uniform' or 'far', got {self.dead_code_sampling!r}")
         if not 0.0 <= self.ae_warmup < 1.0:
             raise ValueError(f"ae_warmup must be in [0, 1), got {self.ae_warmup}")
         if self.crop_size < 0:
@@ -256,6 +263,32 @@ def evaluate_vq(
     return out
 
 
+def _far_picks(latents: torch.Tensor, live: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: ``n`` rows of ``latents`` (M, D), each drawn with probability proportional
+    to its squared distance to the nearest of ``live`` (L, D) codes and of the rows already drawn.
+    Once every latent sits on a code, further picks follow the distances to the live codes alone
+    (duplicates go to the thinly covered latents), or are uniform if those are all zero too.
+    """
+    m = latents.shape[0]
+    if live.shape[0]:
+        d2 = torch.cdist(latents, live).min(dim=1).values.square()  # (M,)
+    else:
+        d2 = torch.full((m,), float("inf"))
+    to_live = d2.clone()
+    picks = []
+    for _ in range(n):
+        finite = torch.isfinite(d2)
+        if finite.any() and float(d2[finite].sum()) > 0:
+            j = int(torch.multinomial(d2.where(finite, torch.zeros_like(d2)), 1, generator=generator))
+        elif torch.isfinite(to_live).all() and float(to_live.sum()) > 0:
+            j = int(torch.multinomial(to_live, 1, generator=generator))
+        else:  # nothing placed yet, or nothing left to prefer
+            j = int(torch.randint(0, m, (1,), generator=generator))
+        picks.append(j)
+        d2 = torch.minimum(d2, (latents - latents[j]).square().sum(-1))
+    return torch.tensor(picks, dtype=torch.long)
+
+
 # ---------------------------------------------------------------------------------- trainer
 class VQTrainer:
     """Owns the optimiser, the EMA codebook statistics and the dead-code bookkeeping."""
@@ -339,9 +372,14 @@ class VQTrainer:
         self.usage_since_check.zero_()
         if dead.numel() == 0:
             return 0
-        d = self.tok.codebook.shape[1]
+        k, d = self.tok.codebook.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (M, D)
-        pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator)
+        live = torch.ones(k, dtype=torch.bool)
+        live[dead] = False
+        if self.cfg.dead_code_sampling == "far":
+            pick = _far_picks(flat, self.tok.normalized_codebook()[live], dead.numel(), generator)
+        else:
+            pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator)
         new = flat[pick] + 1e-3 * torch.randn(dead.numel(), d, generator=generator)
         self.tok.codebook.data[dead] = new
         if self.ema:
