@@ -16,7 +16,9 @@ What keeps the codebook alive (small codebooks on flat-colour scenes die easily)
 * ``model.l2_normalize``: cosine lookup, latents and codes on the unit sphere (ViT-VQGAN);
 * low code dimension (``model.vq_embed_dim``), a factorised lookup space;
 * ``dead_code_every``: every N steps, codes picked fewer than ``dead_code_threshold`` times
-  since the last check are restarted at random latents of the current batch.
+  since the last check are restarted at latents of the current batch: uniformly drawn, or with
+  ``dead_code_sampling = "far"`` drawn like k-means++ seeds (probability proportional to the squared
+  distance to the nearest live code), so restarts go where the codebook is thin.
 
 The trainer takes images as a tensor (N, 3, H, W) (float in [0, 1] or uint8) or any iterable of
 such batches / single images; ``load_shard_images`` reads webdataset shards (``png``).  Held-out
