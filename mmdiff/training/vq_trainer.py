@@ -271,23 +271,18 @@ def _far_picks(latents: torch.Tensor, live: torch.Tensor, n: int, generator: tor
     Once every latent sits on a code, further picks follow the distances to the live codes alone
     (duplicates go to the thinly covered latents), or are uniform if those are all zero too.
     """
-    m = latents.shape[0]
-    if live.shape[0]:
-        d2 = torch.cdist(latents, live).min(dim=1).values.square()  # (M,)
-    else:
-        d2 = torch.full((m,), float("inf"))
-    to_live = d2.clone()
-    picks = []
+    to_live = torch.cdist(latents, live).min(dim=1).values.square() if live.shape[0] else None  # (M,)
+    d2, picks = to_live, []
     for _ in range(n):
-        finite = torch.isfinite(d2)
-        if finite.any() and float(d2[finite].sum()) > 0:
-            j = int(torch.multinomial(d2.where(finite, torch.zeros_like(d2)), 1, generator=generator))
-        elif torch.isfinite(to_live).all() and float(to_live.sum()) > 0:
+        if d2 is not None and float(d2.sum()) > 0:
+            j = int(torch.multinomial(d2, 1, generator=generator))
+        elif to_live is not None and float(to_live.sum()) > 0:
             j = int(torch.multinomial(to_live, 1, generator=generator))
         else:  # nothing placed yet, or nothing left to prefer
-            j = int(torch.randint(0, m, (1,), generator=generator))
+            j = int(torch.randint(0, latents.shape[0], (1,), generator=generator))
         picks.append(j)
-        d2 = torch.minimum(d2, (latents - latents[j]).square().sum(-1))
+        dj = (latents - latents[j]).square().sum(-1)
+        d2 = dj if d2 is None else torch.minimum(d2, dj)
     return torch.tensor(picks, dtype=torch.long)
 
 
