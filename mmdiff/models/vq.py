@@ -146,12 +146,22 @@ class VQConfig:
         )
 
 
-def _config_from_diffusers(model_config, l2_normalize: bool = False) -> VQConfig:
-    """Best-effort VQConfig describing an existing diffusers VQModel (for a local dir w/o sidecar)."""
-    return VQConfig(
-        image_size=int(model_config.sample_size),
-        in_channels=int(model_config.in_channels),
-        out_channels=int(model_config.out_channels),
+def config_from_diffusers(model_config, l2_normalize: bool = False, tile_size: int = 0, patch_size: int = 1,
+                         grid: int | None = None) -> VQConfig:
+    """The ``VQConfig`` describing an existing diffusers ``VQModel`` plus the adapter-only options
+    (for a local dir without ``mmdiff_vq.json``, or a pipeline's bare ``VQModel`` component).
+
+    The VQModel's channels and sample size count space-to-depth patches; ``grid`` (codes per side
+    of the image) gives the image size when the VQModel's own ``sample_size`` is a tile's.
+    """
+    p2 = patch_size * patch_size
+    if int(model_config.in_channels) % p2 or int(model_config.out_channels) % p2:
+        raise ValueError(f"vq_patch_size={patch_size}: the VQModel's {model_config.in_channels} input / "
+                         f"{model_config.out_channels} output channels are not multiples of patch_size^2 = {p2}")
+    config = VQConfig(
+        image_size=int(model_config.sample_size) * patch_size,
+        in_channels=int(model_config.in_channels) // p2,
+        out_channels=int(model_config.out_channels) // p2,
         block_out_channels=list(model_config.block_out_channels),
         layers_per_block=int(model_config.layers_per_block),
         latent_channels=int(model_config.latent_channels),
@@ -160,7 +170,12 @@ def _config_from_diffusers(model_config, l2_normalize: bool = False) -> VQConfig
         norm_num_groups=int(model_config.norm_num_groups),
         mid_block_add_attention=bool(model_config.mid_block_add_attention),
         l2_normalize=l2_normalize,
+        tile_size=tile_size,
+        patch_size=patch_size,
     )
+    if grid:
+        config.image_size = grid * config.downsample_factor
+    return config
 
 
 def _centre_tap_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +224,7 @@ class VQTokenizer(nn.Module):
     @property
     def downsample_factor(self) -> int:
         """Pixels per code along each side (``VQConfig.downsample_factor``)."""
-        return self.config.patch_size * 2 ** (len(self.model.config.block_out_channels) - 1)
+        return self.config.downsample_factor
 
     def grid_size(self, image_size: int | None = None) -> tuple[int, int]:
         """(h, w) of the code grid for a square image of side ``image_size``."""
@@ -350,7 +365,7 @@ class VQTokenizer(nn.Module):
 
             config = from_dict(VQConfig, json.loads(sidecar.read_text()))
         else:
-            config = _config_from_diffusers(model.config)
+            config = config_from_diffusers(model.config)
         if l2_normalize is not None:
             config.l2_normalize = l2_normalize
         return cls(config, model=model)

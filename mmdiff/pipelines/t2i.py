@@ -47,7 +47,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, VQModel
 
 from mmdiff.generation import check_text, codes_to_pil, layout_canvas
 from mmdiff.models.unified import MMDiffForDiffusion
-from mmdiff.models.vq import VQConfig, VQTokenizer
+from mmdiff.models.vq import VQTokenizer, config_from_diffusers
 from mmdiff.processor import MMProcessor, ProcessorConfig
 from mmdiff.sampling.guidance import EmptyPromptUncond, GuidancePlan
 from mmdiff.sampling.scheduler import MaskedDiffusionScheduler
@@ -69,30 +69,6 @@ def processor_from_model(model: MMDiffForDiffusion, tokenizer: Any) -> MMProcess
         k: (tuple(v) if k == "code_grid" else v) for k, v in (cfg.processor or {}).items()
     })
     return MMProcessor(tokenizer, special, proc_cfg)
-
-
-def _vq_config(vq: VQModel, l2_normalize: bool, tile_size: int = 0, patch_size: int = 1,
-               grid: int | None = None) -> VQConfig:
-    """The adapter options around a bare ``VQModel`` (whose channels and sample size count patches).
-
-    ``grid``: codes per side of the model's image grid; it gives the image size when the VQModel's
-    own ``sample_size`` is a tile's.
-    """
-    c, p2 = vq.config, patch_size * patch_size
-    side = int(c.sample_size) * patch_size
-    if grid:
-        side = grid * patch_size * 2 ** (len(c.block_out_channels) - 1)
-    if int(c.in_channels) % p2 or int(c.out_channels) % p2:
-        raise ValueError(f"vq_patch_size={patch_size}: the VQModel's {c.in_channels} input / {c.out_channels} output "
-                         f"channels are not multiples of patch_size^2 = {p2}")
-    return VQConfig(
-        image_size=side, in_channels=int(c.in_channels) // p2,
-        out_channels=int(c.out_channels) // p2, tile_size=tile_size, patch_size=patch_size,
-        block_out_channels=list(c.block_out_channels), layers_per_block=int(c.layers_per_block),
-        latent_channels=int(c.latent_channels), num_vq_embeddings=int(c.num_vq_embeddings),
-        vq_embed_dim=c.vq_embed_dim, norm_num_groups=int(c.norm_num_groups),
-        mid_block_add_attention=bool(c.mid_block_add_attention), l2_normalize=l2_normalize,
-    )
 
 
 class MMDiffT2IPipeline(DiffusionPipeline):
@@ -139,7 +115,7 @@ class MMDiffT2IPipeline(DiffusionPipeline):
         self.processor = processor_from_model(model, tokenizer)
         proc = self.processor
         grid = proc.cfg.code_grid[0] if proc.cfg.code_grid else None
-        self.vq_tokenizer = VQTokenizer(_vq_config(vq, l2, tile, patch, grid), model=vq)  # shares vq's weights
+        self.vq_tokenizer = VQTokenizer(config_from_diffusers(vq.config, l2, tile, patch, grid), model=vq)  # shares vq's weights
         if proc.cfg.codebook_size == 0:
             raise ValueError("model: this model has no VQ codebook (processor codebook_size=0); "
                              "it cannot generate images")
