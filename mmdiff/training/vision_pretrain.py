@@ -527,13 +527,14 @@ def _lr_at(cfg: VisionPretrainConfig, step: int, elapsed_s: float) -> float:
 
 
 def _optimizer(model, cfg: VisionPretrainConfig) -> torch.optim.Optimizer:
-    from mmdiff.training.optim import no_decay_param_ids
+    from mmdiff.training.optim import adamw_kernel, no_decay_param_ids
 
     skip = no_decay_param_ids(model)
     decay = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
     rest = [p for p in model.parameters() if p.requires_grad and id(p) in skip]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                             **adamw_kernel(decay + rest, "auto"))
 
 
 def _hard_negatives(data: PairData, idx: torch.Tensor, encode: CaptionEncoder, rate: float,
