@@ -81,3 +81,12 @@ def test_capabilities_checked(tiny_world):
     with pytest.raises(ValueError, match="needs a VQ tokenizer"):
         p.generation_inputs("t2i", prompt="x")
     assert p.encode("text", target="there is 1 shape.").target_mask.any()
+
+
+def test_text_memo_returns_fresh_equal_lists(proc):
+    text = "what color is the circle?"
+    first = proc.encode_text(text)
+    assert first == list(proc.tokenizer.encode(text, add_special_tokens=False))
+    first.append(-1)  # a caller appending EOS must not change the memo
+    assert proc.encode_text(text) == first[:-1]
+    assert proc.encode_text(text) is not proc.encode_text(text)

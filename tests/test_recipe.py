@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmdiff.cli import main
 from mmdiff.config import ConfigError
@@ -72,6 +73,33 @@ def test_task_batch_sizes_are_global_and_split_like_batch_size(tiny_world, tmp_p
     assert sizes["vqa"] == {6} and sizes["caption"] == {2}, sizes
     with pytest.raises(ValueError, match="task_batch_sizes.describe=6 is not divisible"):
         PipelineSource(recipe, comps.encoder, micro_batch=1)._factory(rank=0, world_size=1, epoch=0)
+
+
+def test_image_cache_gives_identical_batches_and_stays_bounded(tiny_world, tmp_path):
+    from mmdiff.training.recipe import PipelineSource, build_components
+
+    def batches(cache_mb):
+        recipe = load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.group_by_task=true",
+                                               f"data.image_cache_mb={cache_mb}"))
+        comps = build_components(recipe)
+        it = iter(PipelineSource(recipe, comps.encoder, micro_batch=4)._factory(rank=0, world_size=1, epoch=0))
+        return [next(it) for _ in range(90)], comps.encoder  # 360 rows: three passes over 120 scenes
+
+    plain, enc0 = batches(0)
+    cached, enc = batches(0.05)  # 52 kB: room for 4 of the 12 kB images, so entries are evicted
+    assert enc0.cache_hits == enc0.cache_misses == 0
+    assert enc.cache_hits > 0 and enc.cache_misses > 4
+    assert 0 < enc._cache_bytes <= 0.05 * 2**20 and len(enc._cache) == 4
+    for a, b in zip(plain, cached):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        assert (a.get("pixel_values") is None) == (b.get("pixel_values") is None)
+        if a.get("pixel_values") is not None:
+            assert torch.equal(a["pixel_values"], b["pixel_values"])
+    big, enc_big = batches(64)
+    assert enc_big.cache_hits > enc.cache_hits and len(enc_big._cache) <= 120
+    with pytest.raises(ConfigError, match="image_cache_mb must be >= 0"):
+        load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.image_cache_mb=-1"))
 
 
 def test_missing_weights_refused(tmp_path):

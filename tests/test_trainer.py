@@ -92,6 +92,7 @@ def test_config_defaults_valid_and_yaml_roundtrip(tmp_path):
         (["param_groups={vision_tower: {lr: 1e-5, lr_scale: 0.1}}"], "param_groups.vision_tower"),
         (["max_steps=0"], "max_steps"),
         (["learning_rate=1e-3"], "learning_rate"),
+        (["optimizer_impl=apex"], "optimizer_impl"),
     ],
 )
 def test_config_refuses_impossible_values(overrides, key):
@@ -143,6 +144,51 @@ def test_param_groups_decay_rules_prefixes_and_ties():
     assert len(all_ids) == len(set(all_ids)) == len(list(m.parameters()))
     with pytest.raises(ValueError, match="param_groups: prefix 'vison_tower' matches no parameter"):
         build_param_groups(m, 1e-3, 0.1, {"vison_tower": 1e-5})
+
+
+def test_optimizer_kernels_agree_and_auto_picks_fused():
+    from mmdiff.training.optim import build_optimizer
+
+    def run(impl):
+        torch.manual_seed(0)
+        m = TwoTower()
+        opt = build_optimizer(m, 1e-2, 0.1, (0.9, 0.95), 1e-8, implementation=impl)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return opt, [p.detach().clone() for p in m.parameters()]
+
+    auto, ref = run("auto"), run("single")
+    assert auto[0].defaults["fused"] is True and ref[0].defaults["foreach"] is False
+    assert run("foreach")[0].defaults["foreach"] is True
+    moved = max((a - r).abs().max().item() for a, r in zip(auto[1], ref[1]))
+    assert moved < 1e-5, moved  # the same update rule; only the rounding order differs
+    assert any((p - q).abs().max() > 1e-3 for p, q in zip(ref[1], [p.detach() for p in TwoTower().parameters()]))
+    meta = TwoTower().to("meta")  # no fused kernel there: auto falls back, an explicit request is refused
+    assert not build_optimizer(meta, 1e-2, 0.1, (0.9, 0.95), 1e-8).defaults.get("fused")
+    with pytest.raises(ValueError, match=r"optimizer_impl=fused needs .*meta/torch.float32"):
+        build_optimizer(meta, 1e-2, 0.1, (0.9, 0.95), 1e-8, implementation="fused")
+    with pytest.raises(ValueError, match="optimizer_impl must be one of"):
+        build_optimizer(TwoTower(), 1e-2, 0.1, (0.9, 0.95), 1e-8, implementation="turbo")
+
+
+def test_ddp_broadcasts_buffers_only_for_running_stats():
+    from mmdiff.training.trainer import _has_running_stats
+
+    assert not _has_running_stats(TwoTower())  # LayerNorm: nothing per rank to keep in sync
+    assert _has_running_stats(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    assert not _has_running_stats(nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False)))
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=8, patch_size=4))
+    assert [n for n, _ in tower.named_buffers()] and not _has_running_stats(tower)  # constant position ids
+    from mmdiff.training.trainer import make_accelerator
+
+    assert make_accelerator(TrainConfig(), TwoTower()).ddp_handler.broadcast_buffers is False
+    assert make_accelerator(TrainConfig(), nn.BatchNorm1d(4)).ddp_handler.broadcast_buffers is True
 
 
 def test_trainable_prefixes_freeze_the_rest():

@@ -114,6 +114,7 @@ class TrainConfig:
     weight_decay: float = 0.1                # decoupled (AdamW); never on norms, biases, embeddings
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
+    optimizer_impl: str = "auto"             # AdamW kernel: auto (fused where possible) | fused | foreach | single
     max_grad_norm: float = 1.0               # 0 = no clipping
     precision: Literal["fp32", "bf16"] = "fp32"
     ema_decay: float = 0.0                   # 0 = no EMA; e.g. 0.9999
@@ -152,6 +153,9 @@ class TrainConfig:
         need(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
              "must be two numbers in [0, 1)")
         need(self.eps > 0, "eps", "must be > 0")
+        from mmdiff.training.optim import OPTIMIZER_IMPLS
+
+        need(self.optimizer_impl in OPTIMIZER_IMPLS, "optimizer_impl", f"must be one of {', '.join(OPTIMIZER_IMPLS)}")
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 = no clipping)")
         need(self.precision in ("fp32", "bf16"), "precision", "must be 'fp32' or 'bf16'")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (0 = off)")
@@ -187,8 +191,19 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def make_accelerator(cfg: TrainConfig):
-    """An ``accelerate.Accelerator`` for ``cfg`` (CPU works; torchrun / accelerate launch env is honoured)."""
+def _has_running_stats(model: nn.Module | None) -> bool:
+    """True when the model keeps per-rank running statistics (BatchNorm) that DDP must broadcast."""
+    return model is not None and any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+                                     for m in model.modules())
+
+
+def make_accelerator(cfg: TrainConfig, model: nn.Module | None = None):
+    """An ``accelerate.Accelerator`` for ``cfg`` (CPU works; torchrun / accelerate launch env is honoured).
+
+    DDP broadcasts the model's buffers from rank 0 before every forward by default; that is only
+    needed for running statistics (BatchNorm).  Without them (transformers: constant position ids
+    only) the broadcast is skipped -- it was a collective, i.e. a wait for the slower rank, at every
+    step.  ``model=None`` keeps DDP's default."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -199,7 +214,10 @@ def make_accelerator(cfg: TrainConfig):
         cpu=multi_process and not torch.cuda.is_available(),
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)],
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=cfg.ddp_find_unused_parameters,
+            broadcast_buffers=model is None or _has_running_stats(model),
+        )],
     )
 
 
@@ -302,7 +320,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.data_source = data_source
         self.on_step_end = on_step_end
-        self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg, model)
         acc = self.accelerator
         if acc.gradient_accumulation_steps != cfg.grad_accum_steps:
             raise ValueError(
@@ -370,7 +388,8 @@ class Trainer:
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self._log(f"{len(trainable)} trainable tensors, {self.n_trainable:,} of {self.n_params:,} parameters")
 
-        optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.param_groups)
+        optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.param_groups,
+                                    implementation=cfg.optimizer_impl)
         self.prepared_model, self.optimizer = acc.prepare(self.model, optimizer)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         self.scheduler = build_scheduler(inner, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
