@@ -189,6 +189,35 @@ def test_condition_dropout_replaces_exactly_prompt_tokens():
     assert (~attn[hidden, 2:4]).all() and attn[:, [0, 1, 4, 5]].all()
 
 
+def test_condition_dropout_only_on_named_tasks():
+    """condition_dropout_tasks: [t2i] drops t2i prompts only; other rows keep theirs, same draws."""
+    B, L = 400, 6
+    ids = torch.randint(0, 11, (B, L), generator=torch.Generator().manual_seed(0))
+    target = torch.zeros(B, L, dtype=torch.bool)
+    target[:, 4:] = True
+    task_ids = torch.arange(B) % 2  # task_names below: vqa, t2i
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.bool), "target_mask": target,
+             "prompt_mask": ~target, "task_ids": task_ids}
+
+    def seen(tasks):
+        cfg = from_dict(ObjectiveConfig, {"task_names": ["vqa", "t2i"], "condition_dropout": 0.5,
+                                          "condition_dropout_tasks": tasks})
+        out, model = run(build_objective(cfg, mask_token_id=MASK), batch, model=FakeModel(B, L))
+        return model.calls[-1]["input_ids"][:, :4].eq(MASK).all(-1), out.metrics["cond_dropped"].item()
+
+    every, frac_all = seen([])
+    only_t2i, frac_t2i = seen(["t2i"])
+    assert every[task_ids == 0].any() and every[task_ids == 1].any()
+    assert not only_t2i[task_ids == 0].any()  # no vqa row lost its question
+    assert torch.equal(only_t2i[task_ids == 1], every[task_ids == 1])  # t2i rows: the same draws
+    assert frac_t2i == pytest.approx(only_t2i.float().mean().item()) and frac_t2i < frac_all
+    with pytest.raises(ConfigError, match="condition_dropout_tasks names unknown tasks"):
+        from_dict(ObjectiveConfig, {"task_names": ["vqa"], "condition_dropout_tasks": ["t2j"]})
+    with pytest.raises(ValueError, match="condition_dropout_tasks needs task_names"):
+        build_objective(from_dict(ObjectiveConfig, {"condition_dropout": 0.1, "condition_dropout_tasks": ["t2i"]}),
+                        mask_token_id=MASK)
+
+
 def test_autoregressive_equals_manual_next_token_ce():
     batch = make_batch()
     for normalize in ("token", "sequence"):

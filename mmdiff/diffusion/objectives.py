@@ -270,10 +270,16 @@ class ConditionDropout(ABC):
         out = prompt_mask & ~torch.isin(input_ids, self.keep_token_ids.to(input_ids.device))
         return out & ~image_slots if image_slots is not None else out
 
-    def __call__(self, input_ids, attention_mask, prompt_mask, image_slots, mask_token_id, generator):
-        """-> (input_ids, attention_mask, prompt_mask, dropped (B,) bool)."""
+    def __call__(self, input_ids, attention_mask, prompt_mask, image_slots, mask_token_id, generator,
+                 rows: Tensor | None = None):
+        """-> (input_ids, attention_mask, prompt_mask, dropped (B,) bool); ``rows`` (B,) bool: the
+        samples that may be dropped (None: all).  The random draw is the same either way."""
         droppable = self.droppable(input_ids, prompt_mask, image_slots)  # (B, L)
+        if rows is not None:
+            droppable = droppable & rows[:, None]
         drop, dropped = condition_dropout(droppable, self.prob, generator)
+        if rows is not None:
+            dropped = dropped & rows
         ids, attn, prompt = self.apply(input_ids, attention_mask, prompt_mask, drop, mask_token_id)
         return ids, attn, prompt, dropped
 
@@ -355,6 +361,7 @@ class MaskedDiffusionObjective(Objective):
         image_grid: tuple[int, int] | None = None,
         task_weights: TaskWeights | None = None,
         task_min_mask_ratio: Tensor | None = None,
+        cond_dropout_tasks: Tensor | None = None,
     ):
         if weighting not in ("schedule", "uniform"):
             raise ValueError(f"weighting must be 'schedule' or 'uniform', got {weighting!r}")
@@ -376,6 +383,8 @@ class MaskedDiffusionObjective(Objective):
         self.task_weights = task_weights or TaskWeights()
         # (num_tasks,) floor per task id, or None
         self.task_min_mask_ratio = None if task_min_mask_ratio is None else task_min_mask_ratio.float()
+        # (num_tasks,) bool: tasks whose prompts condition dropout may drop, or None (all)
+        self.cond_dropout_tasks = None if cond_dropout_tasks is None else cond_dropout_tasks.bool()
 
     # --- masking ---------------------------------------------------------------------------
     def mask_probs(self, t: Tensor, image_codes: Tensor, task_ids: Tensor | None = None) -> Tensor:
@@ -422,8 +431,11 @@ class MaskedDiffusionObjective(Objective):
         inputs = ids
         dropped = torch.zeros(B, dtype=torch.bool, device=ids.device)
         if self.cond_dropout is not None and self.cond_dropout.prob > 0:
+            rows = None
+            if self.cond_dropout_tasks is not None and batch.get("task_ids") is not None:
+                rows = self.cond_dropout_tasks.to(ids.device)[batch["task_ids"]]  # (B,)
             inputs, attn, prompt, dropped = self.cond_dropout(
-                ids, attn, prompt, batch.get("image_slots"), self.mask_token_id, generator
+                ids, attn, prompt, batch.get("image_slots"), self.mask_token_id, generator, rows
             )
 
         t = self.time_sampler(B, generator=generator, device=ids.device)  # (B,)
@@ -594,6 +606,9 @@ class ObjectiveConfig:
     reweight_topk_factor: float = 2.0
     condition_dropout: float = 0.0
     condition_dropout_mode: Literal["mask", "hide"] = "mask"
+    # tasks whose prompts condition dropout applies to ([] = every task); e.g. [t2i]: only where
+    # classifier-free guidance is used -- a VQA row without its question cannot be answered
+    condition_dropout_tasks: list[str] = field(default_factory=list)
     logits_are_shifted: bool = False
     image_codes: ImageCodeConfig = field(default_factory=ImageCodeConfig)
     task_names: list[str] = field(default_factory=list)
@@ -626,6 +641,11 @@ class ObjectiveConfig:
             raise ValueError(
                 f"task_min_mask_ratio names unknown tasks {sorted(unknown)}; task_names = {self.task_names}"
             )
+        unknown = set(self.condition_dropout_tasks) - set(self.task_names)
+        if unknown and self.task_names:
+            raise ValueError(
+                f"condition_dropout_tasks names unknown tasks {sorted(unknown)}; task_names = {self.task_names}"
+            )
         for k, v in self.task_min_mask_ratio.items():
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"task_min_mask_ratio.{k} must be in [0, 1], got {v}")
@@ -647,6 +667,8 @@ def _build_diffusion(
         raise ValueError("the masked-diffusion objective needs mask_token_id (from the tokenizer)")
     if cfg.task_min_mask_ratio and not cfg.task_names:
         raise ValueError("task_min_mask_ratio needs task_names (index -> name of batch['task_ids'])")
+    if cfg.condition_dropout_tasks and not cfg.task_names:
+        raise ValueError("condition_dropout_tasks needs task_names (index -> name of batch['task_ids'])")
     img = cfg.image_codes
     dropout = None
     if cfg.condition_dropout > 0:
@@ -671,6 +693,8 @@ def _build_diffusion(
         task_weights=TaskWeights(cfg.task_names, cfg.task_weights),
         task_min_mask_ratio=(torch.tensor([float(cfg.task_min_mask_ratio.get(n, 0.0)) for n in cfg.task_names])
                              if cfg.task_min_mask_ratio else None),
+        cond_dropout_tasks=(torch.tensor([n in cfg.condition_dropout_tasks for n in cfg.task_names])
+                            if cfg.condition_dropout_tasks else None),
     )
 
 
