@@ -636,21 +636,19 @@ class ObjectiveConfig:
             )
         if any(w < 0 for w in self.task_weights.values()):
             raise ValueError("task_weights must be >= 0")
-        unknown = set(self.task_min_mask_ratio) - set(self.task_names)
-        if unknown and self.task_names:  # empty: filled later (the recipe sets the task list)
-            raise ValueError(
-                f"task_min_mask_ratio names unknown tasks {sorted(unknown)}; task_names = {self.task_names}"
-            )
-        unknown = set(self.condition_dropout_tasks) - set(self.task_names)
-        if unknown and self.task_names:
-            raise ValueError(
-                f"condition_dropout_tasks names unknown tasks {sorted(unknown)}; task_names = {self.task_names}"
-            )
+        for name in TASK_KEYED:
+            unknown = set(getattr(self, name)) - set(self.task_names)
+            if unknown and self.task_names:  # empty: filled later (the recipe sets the task list)
+                raise ValueError(f"{name} names unknown tasks {sorted(unknown)}; task_names = {self.task_names}")
         for k, v in self.task_min_mask_ratio.items():
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"task_min_mask_ratio.{k} must be in [0, 1], got {v}")
         if self.switch_step < 0:
             raise ValueError(f"switch_step must be >= 0, got {self.switch_step}")
+
+
+#: ObjectiveConfig fields that name tasks; checked against ``task_names``
+TASK_KEYED = ("task_min_mask_ratio", "condition_dropout_tasks")
 
 
 REWEIGHTINGS = {
@@ -665,10 +663,9 @@ def _build_diffusion(
 ) -> Objective:
     if mask_token_id is None:
         raise ValueError("the masked-diffusion objective needs mask_token_id (from the tokenizer)")
-    if cfg.task_min_mask_ratio and not cfg.task_names:
-        raise ValueError("task_min_mask_ratio needs task_names (index -> name of batch['task_ids'])")
-    if cfg.condition_dropout_tasks and not cfg.task_names:
-        raise ValueError("condition_dropout_tasks needs task_names (index -> name of batch['task_ids'])")
+    for name in TASK_KEYED:
+        if getattr(cfg, name) and not cfg.task_names:
+            raise ValueError(f"{name} needs task_names (index -> name of batch['task_ids'])")
     img = cfg.image_codes
     dropout = None
     if cfg.condition_dropout > 0:

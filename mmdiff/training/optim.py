@@ -208,6 +208,7 @@ OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "single")
 
 
 def adamw_kernel(params: list[torch.Tensor], implementation: str) -> dict:
+    """The ``torch.optim.AdamW`` keyword (``fused`` / ``foreach``) for ``implementation`` over ``params``."""
     if implementation not in OPTIMIZER_IMPLS:
         raise ValueError(f"optimizer_impl must be one of {OPTIMIZER_IMPLS}, got {implementation!r}")
     if implementation == "single":
