@@ -61,7 +61,8 @@ from torch import nn
 from mmdiff.training import checkpoint as ckpt
 from mmdiff.training.data_state import DataExhausted, check_data_source
 from mmdiff.training.ema import EMA
-from mmdiff.training.optim import ParamGroup, WarmupCosine, apply_trainable, build_optimizer, build_scheduler
+from mmdiff.training.optim import (OPTIMIZER_IMPLS, ParamGroup, WarmupCosine, apply_trainable, build_optimizer,
+                                   build_scheduler)
 
 __all__ = [
     "TrainConfig",
@@ -153,8 +154,6 @@ class TrainConfig:
         need(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
              "must be two numbers in [0, 1)")
         need(self.eps > 0, "eps", "must be > 0")
-        from mmdiff.training.optim import OPTIMIZER_IMPLS
-
         need(self.optimizer_impl in OPTIMIZER_IMPLS, "optimizer_impl", f"must be one of {', '.join(OPTIMIZER_IMPLS)}")
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 = no clipping)")
         need(self.precision in ("fp32", "bf16"), "precision", "must be 'fp32' or 'bf16'")

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from mmdiff.models.vq import VQConfig, VQTokenizer
+from mmdiff.training.optim import adamw_kernel
 
 __all__ = [
     "VQTrainConfig",
@@ -302,8 +303,6 @@ class VQTrainer:
             self.ema_count = torch.ones(k)  # (K,) smoothed assignment counts
             self.ema_sum = codebook.detach().clone()  # (K, D) running sum of assigned latents
         params = [p for p in self.tok.parameters() if p.requires_grad]
-        from mmdiff.training.optim import adamw_kernel
-
         self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
                                      **adamw_kernel(params, "auto"))
         self.usage_since_check = torch.zeros(k, dtype=torch.long)
