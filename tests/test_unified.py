@@ -100,6 +100,19 @@ def test_projector_output_rms_matches_the_embedding_scale():
     torch.testing.assert_close(feats.pow(2).mean(-1).sqrt(), torch.full(feats.shape[:2], 0.02), rtol=1e-3, atol=1e-5)
 
 
+def test_projector_position_is_added_after_the_rms_normalisation():
+    torch.manual_seed(0)
+    v = VisionEncoder(tiny_vision_config("siglip"))
+    cfg = MMDiffConfig(backbone=get_size("debug", vocab_size=60),
+                       projector={"output_rms": 1.0, "position_embedding": True},
+                       text_vocab_size=50, codebook_size=10)
+    m = MMDiffForDiffusion(cfg, vision_encoder=v).eval()
+    pos = m.projector.position.detach()
+    assert 0.3 < pos.pow(2).mean().sqrt() < 0.7  # half the normalised features' scale
+    feats = m.encode_images(torch.randn(2, 3, 32, 32)) - pos[None]
+    torch.testing.assert_close(feats.pow(2).mean(-1).sqrt(), torch.ones(feats.shape[:2]), rtol=1e-3, atol=1e-5)
+
+
 def test_code_index_and_code_position_embeddings(tmp_path):
     from transformers import AutoModel
 

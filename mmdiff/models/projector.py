@@ -88,8 +88,9 @@ class Projector(nn.Module):
         self.position = None
         if config.position_embedding and config.num_tokens <= 0:
             raise ValueError("projector position_embedding needs num_tokens (output tokens per image) > 0")
-        if config.position_embedding:  # about as large as the projected features at initialisation
-            self.position = nn.Parameter(torch.randn(config.num_tokens, config.hidden_size) * 0.5)
+        if config.position_embedding:  # half the normalised features' RMS, or about that of fresh projections
+            scale = 0.5 * config.output_rms if config.output_rms > 0 else 0.5
+            self.position = nn.Parameter(torch.randn(config.num_tokens, config.hidden_size) * scale)
 
     def pool_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(N, prefix + s*s, D_v) -> (N, prefix + (s/k)^2, D_v), row-major grid order kept."""
@@ -108,12 +109,12 @@ class Projector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.mlp(self.pool_tokens(features))  # (N, P', D)
-        if self.position is not None:
+        if self.config.output_rms > 0:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.config.output_rms
+        if self.position is not None:  # after the normalisation: the slot signal keeps its share
             if x.shape[1] != self.position.shape[0]:
                 raise ValueError(f"projector has {self.position.shape[0]} position embeddings, got {x.shape[1]} tokens")
             x = x + self.position.to(x.dtype)
-        if self.config.output_rms > 0:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.config.output_rms
         return x
 
 
