@@ -17,6 +17,9 @@ side on the same images, interleaved over rounds:
     dual             + dual cache
     threshold        confidence-threshold decoding (0.9, at least one per step)
     dual+threshold   both
+    window           DPad-style suffix window: a call sees the current block plus 8 masked slots
+                     after it, the rest of the all-mask tail is left out (``suffix_window``)
+    window+threshold, dual+threshold+window   the combinations
 
 Reported per setting: tokens/s counted as generated tokens up to the first EOS (the anchors' way),
 seconds per image, NFE, speedup over vanilla (median over rounds of per-round ratios), peak RSS,
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit_json, format_table, median, peak_extra_mb  # noqa: E402
 
 BLOCK = 32
+WINDOW = 8  # suffix window: block + 8 masks = the 40-slot answers the quickstart model trained on
 
 
 def settings(gen: int, task: str = "describe", block: int = BLOCK):
@@ -60,6 +64,10 @@ def settings(gen: int, task: str = "describe", block: int = BLOCK):
         "dual": SamplerConfig(**base, cache="dual"),
         "threshold": SamplerConfig(**base, transfer="threshold", threshold=0.9),
         "dual+threshold": SamplerConfig(**base, cache="dual", transfer="threshold", threshold=0.9),
+        "window": SamplerConfig(**base, suffix_window=WINDOW),
+        "window+threshold": SamplerConfig(**base, transfer="threshold", threshold=0.9, suffix_window=WINDOW),
+        "dual+threshold+window": SamplerConfig(**base, cache="dual", transfer="threshold", threshold=0.9,
+                                               suffix_window=WINDOW),
     }
 
 

@@ -5,7 +5,8 @@
     mmdiff generate caption  --model DIR --image FILE
     mmdiff generate describe --model DIR --image FILE
     mmdiff generate text     --model DIR --prompt TEXT [--gen-length L --block-length B --steps N
-                             --score S --threshold T --cache C --seed S]
+                             --score S --threshold T --cache C --suffix-window N
+                             --seed S]
 
 Each handler loads the model directory, calls one library function and returns a dict:
 ``text`` (text tasks) or ``image`` (the written file), plus ``nfe`` and ``seconds`` (generation
@@ -107,6 +108,7 @@ def _text(a: argparse.Namespace) -> dict:
     n, cfg = resolve_settings("text", bundle.processor, a.gen_length, block, a.steps)
     cfg.score = "neg_entropy" if a.score == "entropy" else a.score
     cfg.cache = a.cache
+    cfg.suffix_window = a.suffix_window
     if a.threshold is not None:
         if not 0.0 < a.threshold <= 1.0:
             raise ValueError(f"--threshold must be in (0, 1], got {a.threshold}")
@@ -165,4 +167,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--threshold", type=float, default=None,
                    help="commit every position whose confidence exceeds T (threshold transfer; ignores --steps)")
     x.add_argument("--cache", choices=CACHES, default="none", help="KV cache strategy")
+    x.add_argument("--suffix-window", type=int, default=None,
+                   help="a model call sees at most N masked slots after the current block (DPad-style "
+                        "suffix dropout; default: the whole canvas)")
     x.set_defaults(handler=_text)

@@ -72,6 +72,9 @@ def test_generate_text_options(capsys, model_dir):
     rc, res = _run(capsys, ["generate", "text", "--model", model_dir, "--prompt", "a red circle", "--gen-length", "8",
                             "--block-length", "4", "--steps", "4", "--score", "entropy", "--cache", "dual"])
     assert rc == 0 and res["nfe"] == 4
+    rc, res = _run(capsys, ["generate", "text", "--model", model_dir, "--prompt", "a red circle", "--gen-length", "16",
+                            "--block-length", "4", "--steps", "8", "--suffix-window", "2"])
+    assert rc == 0 and res["nfe"] == 8
     rc, res = _run(capsys, ["generate", "text", "--model", model_dir, "--prompt", "a red", "--gen-length", "8",
                             "--block-length", "none", "--threshold", "0.5", "--seed", "2"])
     assert rc == 0 and 1 <= res["nfe"] <= 8
@@ -82,6 +85,7 @@ def test_generate_text_options(capsys, model_dir):
     (["text", "--prompt", "a", "--gen-length", "10", "--block-length", "4"], "gen_length=10 is not divisible"),
     (["text", "--prompt", "a", "--steps", "1"], "steps=1 < the number of blocks"),
     (["text", "--prompt", "a", "--threshold", "1.5"], "--threshold must be in (0, 1]"),
+    (["text", "--prompt", "a", "--suffix-window", "-1"], "suffix_window must be >= 0"),
     (["text", "--prompt", "red " * 200], "prompt is too long"),
     (["vqa", "--image", "/no/such/image.png", "--question", "q"], "--image: image file not found"),
     (["vqa", "--image", "IMAGE", "--question", ""], "question must not be empty"),

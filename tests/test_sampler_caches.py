@@ -153,3 +153,70 @@ def test_image_features_computed_once_and_cached():
     out = run(model, batch, block_length=4, cache="prefix_exact")
     assert calls == [2, 2]  # once per generate call
     assert torch.equal(out.tokens, ref.tokens)
+
+
+# --------------------------------------------------------------------------- suffix window
+class _Recorder(torch.nn.Module):
+    """Wraps a model and records the ids of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.calls = model, model.config, []
+
+    def forward(self, input_ids, **kw):
+        self.calls.append(input_ids.clone())
+        return self.model(input_ids=input_ids, **kw)
+
+
+def _gen(out, batch):
+    return [out.tokens[b][batch["target_mask"][b]].tolist() for b in range(out.tokens.shape[0])]
+
+
+def test_suffix_window_sees_what_a_shorter_canvas_sees():
+    model = tiny("bidirectional")
+    # block 4, window 4: the first block is decoded on prompt + 8 slots, as in an 8-slot canvas
+    windowed = run(model, left_padded(PROMPTS, 16), block_length=4, steps=16, suffix_window=4)
+    short = run(model, left_padded(PROMPTS, 8), block_length=4, steps=8)
+    longer = run(model, left_padded(PROMPTS, 32), block_length=4, steps=32, suffix_window=4)
+    full = run(model, left_padded(PROMPTS, 16), block_length=4, steps=16)
+    w, s, lg = _gen(windowed, left_padded(PROMPTS, 16)), _gen(short, left_padded(PROMPTS, 8)), \
+        _gen(longer, left_padded(PROMPTS, 32))
+    for b in range(len(PROMPTS)):
+        assert w[b][:4] == s[b][:4]
+        assert w[b][:12] == lg[b][:12]  # only the last window knows where the canvas ends
+    assert windowed.query_tokens < full.query_tokens and windowed.nfe == full.nfe
+    assert not any(MASK in row for row in w)
+
+
+def test_suffix_window_call_lengths_and_kept_template_tokens():
+    rec = _Recorder(tiny("bidirectional"))
+    batch = left_padded(PROMPTS, 16)
+    run(rec, batch, block_length=4, steps=16, suffix_window=4)
+    L, gen = batch["input_ids"].shape[1], 16
+    start = L - gen
+    assert [c.shape[1] for c in rec.calls] == [min(L, start + 4 * (i // 4 + 1) + 4) for i in range(16)]
+    # a fixed token after the canvas (a template's suffix) is never left out of a call
+    rec.calls.clear()
+    batch = left_padded(PROMPTS, 16, suffix=[IMG_END])
+    ref = run(rec.model, batch, block_length=4, steps=16)
+    out = run(rec, batch, block_length=4, steps=16, suffix_window=4)
+    assert all(c.shape[1] == batch["input_ids"].shape[1] and bool((c[:, -1] == IMG_END).all()) for c in rec.calls)
+    assert torch.equal(out.tokens, ref.tokens)
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_suffix_window_with_caches_and_threshold(cache):
+    model = tiny("bidirectional")
+    batch = left_padded(PROMPTS, 16)
+    plain = run(model, batch, block_length=4, cache=cache, transfer="threshold", threshold=0.5)
+    out = run(model, batch, block_length=4, cache=cache, transfer="threshold", threshold=0.5, suffix_window=4,
+              skip_unchanged=True)
+    target = batch["target_mask"]
+    assert not bool((out.tokens[target] == MASK).any())
+    assert torch.equal(out.tokens[~target], batch["input_ids"][~target])
+    assert out.query_tokens < plain.query_tokens
+
+
+def test_suffix_window_refused_when_negative():
+    with pytest.raises(ValueError, match="suffix_window"):
+        SamplerConfig(suffix_window=-1).validate()

@@ -135,10 +135,10 @@ class ModelRunner:
         With ``cache`` the call computes slots ``[call_start(start), end)`` at that cache
         position; ``use_cache`` stores (or overwrites) their K/V, otherwise the cache is read-only.
         """
-        L = ids.shape[1]
+        L = ids.shape[1]  # may stop short of the masks' length: a suffix window left trailing slots out
         end = L if end is None else end
         s0 = self.call_start(start) if (cache is not None or start > 0) else 0
-        kwargs = dict(attention_mask=self.attention_mask, prompt_mask=self.prompt_mask)
+        kwargs = dict(attention_mask=self.attention_mask[:, :L], prompt_mask=self.prompt_mask[:, :L])
         if self.attention_mode is not None:
             kwargs["attention_mode"] = self.attention_mode
         if cache is not None or use_cache:

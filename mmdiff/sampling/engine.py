@@ -140,6 +140,10 @@ class SamplerConfig:
     suppress_eos_logits / suppress_eos_confidence / stop_at_eos: length control (need eos id).
     cache: ``none`` | ``prefix_exact`` | ``prefix`` | ``dual``; skip_unchanged: reuse logits of
         a step that changed nothing.
+    suffix_window: DPad-style suffix dropout: a call sees at most this many still-masked target
+        slots after the current block; the all-mask tail beyond is left out of the call
+        (approximate: those masks are attended to in an uncached call; None: the whole canvas).
+        Slots holding tokens (a template's fixed suffix) are never left out.
     attention_mode: passed to every call (None: the model's own default).
     record_history: keep the canvas after every step in ``SampleOutput.history``.
     """
@@ -163,6 +167,7 @@ class SamplerConfig:
     stop_at_eos: bool = False
     cache: Literal["none", "prefix_exact", "prefix", "dual"] = "none"
     skip_unchanged: bool = False
+    suffix_window: int | None = None
     attention_mode: Literal["bidirectional", "prefix", "causal"] | None = None
     record_history: bool = False
 
@@ -191,6 +196,8 @@ class SamplerConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.cache not in CACHES:
             raise ValueError(f"unknown cache {self.cache!r}; known: {sorted(CACHES)}")
+        if self.suffix_window is not None and self.suffix_window < 0:
+            raise ValueError(f"suffix_window must be >= 0 (or None for the whole canvas), got {self.suffix_window}")
         self.schedule.validate()
         self.guidance.validate()
         self.remask.validate()
@@ -340,8 +347,19 @@ class Sampler:
             banned.add(int(eos_token_id))
         banned_t = torch.tensor(sorted(banned), dtype=torch.long, device=x.device)
 
+        cols = torch.arange(L, device=x.device)
+
+        def call_end(be: int) -> int:
+            """Slots [0, end) the model sees while block [.., be) is decoded (suffix window)."""
+            if cfg.suffix_window is None or be + cfg.suffix_window >= L:
+                return L
+            kept = ~((to_fill & (x == mask_token_id)) | ~b["attention_mask"].bool())  # (B, L) real tokens
+            last = int(torch.where(kept.any(0), cols, torch.full_like(cols, -1)).max())
+            return min(L, max(be + cfg.suffix_window, last + 1))
+
         def predict(bs: int, be: int, new_block: bool, progress: float) -> _Step:
             ids = x if plan is None else torch.cat([x, plan.uncond.ids(x)], dim=0)  # (R, L)
+            ids = ids[:, : call_end(be)]  # constant within a block: only [bs, be) changes there
             raw = strategy.block_logits(runner, ids, bs, be, new_block)  # (R, Lb, V)
             logits = plan.combine(raw) if plan is not None else raw.double()  # (B, Lb, V)
             logits = restrict_vocab(
@@ -367,7 +385,6 @@ class Sampler:
                 history.append(x.clone())
 
         # ---- main loop: blocks left to right, steps within a block
-        cols = torch.arange(L, device=x.device)
         for bs, be in blocks:
             n_block = ((x[:, bs:be] == mask_token_id) & to_fill[:, bs:be]).sum(-1)  # (B,)
             k = 0
