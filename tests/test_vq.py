@@ -258,7 +258,7 @@ def test_train_vq_script(tmp_path, capsys):
     rc = script.main([
         "--config", str(ROOT / "tokenizers" / "configs" / "vq-shapes.yaml"),
         "--data", str(tmp_path / "shards"), "--out", str(out), "--json",
-        "model.image_size=16", "model.block_out_channels=[8,8]", "model.norm_num_groups=4",
+        "model.image_size=16", "model.block_out_channels=[8]", "model.norm_num_groups=4",
         "model.latent_channels=8", "model.num_vq_embeddings=16", "model.vq_embed_dim=4",
         "train.steps=3", "train.batch_size=8", "train.eval_images=8",
     ])
@@ -426,3 +426,19 @@ def test_far_dead_code_restarts_go_where_the_codebook_is_thin():
     assert torch.allclose(tok.codebook.data[1:], b.expand(3, 2), atol=1e-2)
     with pytest.raises(ValueError, match="dead_code_sampling"):
         VQTrainConfig(dead_code_sampling="kmeans").validate()
+
+
+def test_local_tokenizer_gives_equal_patches_equal_codes():
+    """patch_size = tile_size = 2 (the Shapes recipe): a code is a function of its 2x2 patch alone,
+    so every blank patch gets one code wherever it is and whatever is next to it."""
+    recipe = load_config(VQRecipe, ROOT / "tokenizers" / "configs" / "vq-shapes.yaml")
+    assert recipe.model.patch_size == recipe.model.tile_size == recipe.model.downsample_factor == 2
+    tok = VQTokenizer(tiny_config(image_size=16, patch_size=2, tile_size=2, block_out_channels=[8])).eval()
+    x = scenes(6).float() / 255
+    with torch.no_grad():
+        codes = tok.encode_to_codes(x)  # (6, 8, 8)
+        blank = tok.encode_to_codes(torch.zeros(1, 3, 16, 16))
+    patches = x.unfold(2, 2, 2).unfold(3, 2, 2)  # (6, 3, 8, 8, 2, 2)
+    empty = patches.abs().sum((1, 4, 5)) == 0  # (6, 8, 8)
+    assert bool(empty.any()) and bool((~empty).any())
+    assert set(codes[empty].tolist()) == set(blank.flatten().tolist()) and len(set(blank.flatten().tolist())) == 1
