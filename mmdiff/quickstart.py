@@ -56,7 +56,7 @@ class QuickstartSizes:
     vq_minutes: float = 3.0
     vision_minutes: float = 2.9  # runs beside the VQ tokenizer (3 min): the same wall time
     stage1_steps: int = 40
-    stage2_steps: int = 4000  # ~5 steps/s in two processes (mini backbone, both ranks on the same task)
+    stage2_steps: int = 3500  # ~5 steps/s in two processes (4,000: no measurable gain, +2 min; BENCHMARKS.md)
     batch_size: int = 16
     eval_limit: int = 64  # test scenes for vqa (~10 questions each, fast), caption, describe (~0.7 s each)
     t2i_limit: int = 24  # test / heldout prompts for text-to-image (~3.3 s each)
