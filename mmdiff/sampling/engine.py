@@ -357,9 +357,9 @@ class Sampler:
             last = int(torch.where(kept.any(0), cols, torch.full_like(cols, -1)).max())
             return min(L, max(be + cfg.suffix_window, last + 1))
 
-        def predict(bs: int, be: int, new_block: bool, progress: float) -> _Step:
+        def predict(bs: int, be: int, end: int, new_block: bool, progress: float) -> _Step:
             ids = x if plan is None else torch.cat([x, plan.uncond.ids(x)], dim=0)  # (R, L)
-            ids = ids[:, : call_end(be)]  # constant within a block: only [bs, be) changes there
+            ids = ids[:, :end]  # the suffix window's cut, fixed for the block
             raw = strategy.block_logits(runner, ids, bs, be, new_block)  # (R, Lb, V)
             logits = plan.combine(raw) if plan is not None else raw.double()  # (B, Lb, V)
             logits = restrict_vocab(
@@ -387,6 +387,7 @@ class Sampler:
         # ---- main loop: blocks left to right, steps within a block
         for bs, be in blocks:
             n_block = ((x[:, bs:be] == mask_token_id) & to_fill[:, bs:be]).sum(-1)  # (B,)
+            end = call_end(be)  # constant within a block: only [bs, be) changes there
             k = 0
             while True:
                 candidates = (x[:, bs:be] == mask_token_id) & to_fill[:, bs:be]  # (B, Lb)
@@ -394,7 +395,7 @@ class Sampler:
                     break
                 n_left = candidates.sum(-1)
                 ctx = TransferContext(k, steps_per_block, n_block, n_left, None, candidates)
-                step = predict(bs, be, new_block=(k == 0), progress=self.transfer.progress(ctx))
+                step = predict(bs, be, end, new_block=(k == 0), progress=self.transfer.progress(ctx))
                 ctx.confidence = step.probs.gather(-1, step.x0[..., None]).squeeze(-1)  # (B, Lb)
                 n = self.transfer.count(ctx)  # (B,)
                 again = None
@@ -421,7 +422,7 @@ class Sampler:
             ws, we = blocks[0][0], blocks[-1][1]
             eligible_all = to_fill[:, ws:we] & (commit_step[:, ws:we] != -2)
             for r in range(self.remasker.steps + 1):
-                step = predict(ws, we, new_block=(r == 0), progress=1.0)
+                step = predict(ws, we, call_end(we), new_block=(r == 0), progress=1.0)
                 masked = (x[:, ws:we] == mask_token_id) & to_fill[:, ws:we]
                 x[:, ws:we] = torch.where(masked, step.x0, x[:, ws:we])
                 record(masked, step.pass_id, ws, we)
