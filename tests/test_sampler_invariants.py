@@ -19,7 +19,7 @@ from mmdiff.sampling.engine import GuidanceConfig, RemaskConfig
 from mmdiff.sampling.guidance import EmptyPromptUncond
 from mmdiff.sampling.sampling_utils import select_top_n, top_k_filter, top_p_filter
 from mmdiff.sampling.scores import MarginScore, NegEntropyScore, ScoreContext
-from mmdiff.sampling.transfer import FactorTransfer, TransferContext
+from mmdiff.sampling.transfer import FactorTransfer, ThresholdScheduleTransfer, TransferContext
 
 V_TEXT, K = 40, 24
 VOCAB = V_TEXT + K
@@ -209,6 +209,39 @@ def test_factor_rule():
     batch = make_batch(TEXT_ROWS)
     out = generate(MockModel(), batch, transfer="factor", factor=2.0)
     assert not bool((out.tokens == MASK).any()) and out.nfe <= 8
+
+
+def test_threshold_schedule_rule_counts():
+    lin = LinearSchedule()
+    conf = torch.tensor([[0.99, 0.95, 0.9, 0.2, 0.1, 0.1, 0.1, 0.1], [0.3] * 8], dtype=torch.float64)
+    cand = torch.ones_like(conf, dtype=torch.bool)
+    rule = ThresholdScheduleTransfer(0.8, lin)
+    # step 0 of 4 (linear: keep 3/4 of what is left): row 1 has 3 sure > floor 8 - ceil(6) = 2;
+    # row 2 has none sure -> the schedule's share, 2
+    ctx = TransferContext(0, 4, torch.tensor([8, 8]), torch.tensor([8, 8]), conf, cand)
+    assert rule.count(ctx).tolist() == [3, 2]
+    # step 2 of 4 with 5 left: keep 1/2 -> floor 5 - ceil(2.5) = 2; the last step takes all
+    ctx = TransferContext(2, 4, torch.tensor([8, 8]), torch.tensor([5, 5]), conf, cand)
+    assert rule.count(ctx).tolist() == [3, 2]
+    ctx = TransferContext(3, 4, torch.tensor([8, 8]), torch.tensor([5, 4]), conf, cand)
+    assert rule.count(ctx).tolist() == [5, 4]
+
+
+def test_threshold_schedule_finishes_within_steps_and_uses_fewer_when_sure():
+    batch = make_batch(TEXT_ROWS)
+    for steps in (2, 3, 8):
+        out = generate(MockModel(), batch, transfer="threshold_schedule", threshold=0.5, steps=steps)
+        assert out.nfe <= steps and not bool((out.tokens == MASK).any())
+    # τ = 1 is never exceeded: exactly the schedule (the same commits as the schedule rule)
+    strict = generate(MockModel(), batch, transfer="threshold_schedule", threshold=1.0, steps=4)
+    sched = generate(MockModel(), batch, transfer="schedule", steps=4)
+    assert strict.committed_per_step == sched.committed_per_step
+    assert torch.equal(strict.tokens, sched.tokens)
+    # a low threshold commits more per pass than the plain schedule
+    loose = generate(MockModel(), batch, transfer="threshold_schedule", threshold=0.05, steps=8)
+    assert loose.nfe < 8
+    with pytest.raises(ValueError, match="steps"):
+        generate(MockModel(), batch, transfer="threshold_schedule", steps=3, block_length=2)
 
 
 # ------------------------------------------------------------------ guidance

@@ -61,6 +61,7 @@ from mmdiff.sampling.transfer import (
     FactorTransfer,
     FixedTransfer,
     ScheduleTransfer,
+    ThresholdScheduleTransfer,
     ThresholdTransfer,
     TransferContext,
     TransferRule,
@@ -127,14 +128,15 @@ class RemaskConfig:
 class SamplerConfig:
     """Everything that defines a sampler; ``build_sampler(cfg)`` turns it into parts.
 
-    steps: total steps of the ``schedule`` rule, split evenly over the blocks (must be a
-        multiple of the number of blocks, as in LLaDA); ignored by the other rules.
+    steps: total steps of the ``schedule`` / ``threshold_schedule`` rules, split evenly over the
+        blocks (must be a multiple of the number of blocks, as in LLaDA); ignored by the others.
     block_length: semi-autoregressive block size (None: the whole canvas is one block).
     score: position score (``confidence`` | ``margin`` | ``neg_entropy`` | ``random`` |
         ``gumbel_confidence``); score_temperature: τ of ``gumbel_confidence``.
-    transfer: ``schedule`` | ``fixed`` | ``threshold`` | ``factor``; schedule: the masking
-        schedule (``mmdiff.diffusion.schedules``); tokens_per_step: for ``fixed``;
-        threshold: τ ∈ (0, 1] for ``threshold``; factor: f > 0 for ``factor``.
+    transfer: ``schedule`` | ``fixed`` | ``threshold`` | ``threshold_schedule`` | ``factor``;
+        schedule: the masking schedule (``mmdiff.diffusion.schedules``); tokens_per_step: for
+        ``fixed``; threshold: τ ∈ (0, 1] for ``threshold`` and ``threshold_schedule`` (which also
+        uses ``steps`` and ``schedule``); factor: f > 0 for ``factor``.
     temperature, top_k (0 = off), top_p (1 = off): the token draw.
     guidance, remask: see their configs.
     suppress_eos_logits / suppress_eos_confidence / stop_at_eos: length control (need eos id).
@@ -152,7 +154,7 @@ class SamplerConfig:
     block_length: int | None = None
     score: Literal["confidence", "margin", "neg_entropy", "random", "gumbel_confidence"] = "confidence"
     score_temperature: float = 4.5
-    transfer: Literal["schedule", "fixed", "threshold", "factor"] = "schedule"
+    transfer: Literal["schedule", "fixed", "threshold", "threshold_schedule", "factor"] = "schedule"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tokens_per_step: int = 1
     threshold: float = 0.9
@@ -212,6 +214,7 @@ _TRANSFERS = {
     "schedule": lambda cfg: ScheduleTransfer(make_schedule(cfg.schedule)),
     "fixed": lambda cfg: FixedTransfer(cfg.tokens_per_step),
     "threshold": lambda cfg: ThresholdTransfer(cfg.threshold),
+    "threshold_schedule": lambda cfg: ThresholdScheduleTransfer(cfg.threshold, make_schedule(cfg.schedule)),
     "factor": lambda cfg: FactorTransfer(cfg.factor),
 }
 

@@ -11,12 +11,18 @@ position score (:mod:`mmdiff.sampling.scores`).  Rules:
 ``fixed``      n = min(k, masks left): a constant number per step (k = 1: one token per pass).
 ``threshold``  n = max(1, #{masked i : p_i(x0_i) > τ}) (Fast-dLLM parallel decoding, Dimple's
                confident decoding): everything the model is sure of, at least one token.
+``threshold_schedule``  threshold decoding within a step budget: every candidate with
+               p_i(x0_i) > τ, and at least the schedule's share of the masks still left
+               (``n_left − ceil(n_left · f_{k+1} / f_k)``, f the schedule's masked fractions on the
+               grid of ``steps``), so the block always ends within ``steps`` passes.  Where the
+               model is sure of most positions (the blank background of an image) they go in the
+               first passes and the uncertain rest is spread over the remaining steps.
 ``factor``     sort the candidates' confidences c_1 ≥ c_2 ≥ …; n = the largest m such that
                (j + 1)(1 − c_j) < f for every j ≤ m, at least 1 (Fast-dLLM / dllm's dynamic
                "factor" rule: the j-th token is accepted when c_j > 1 − f/(j + 1), a bound on the
                expected number of errors of committing j tokens in parallel).
 
-Only ``schedule`` fixes the number of steps; the others run until the block has no masks left
+Only ``schedule`` and ``threshold_schedule`` fix the number of steps; the others run until the block has no masks left
 (each step commits at least one token, so a block of n masks takes at most n steps).
 """
 
@@ -36,6 +42,7 @@ __all__ = [
     "ScheduleTransfer",
     "FixedTransfer",
     "ThresholdTransfer",
+    "ThresholdScheduleTransfer",
     "FactorTransfer",
 ]
 
@@ -116,6 +123,27 @@ class ThresholdTransfer(TransferRule):
     def count(self, ctx):
         sure = ((ctx.confidence > self.threshold) & ctx.candidates).sum(-1)  # (B,)
         return sure.clamp(min=1).clamp(max=ctx.n_left)
+
+
+class ThresholdScheduleTransfer(TransferRule):
+    """Every candidate with p(x0) > τ, and at least the schedule's share of what is left."""
+
+    uses_steps = True
+
+    def __init__(self, threshold: float, schedule: MaskSchedule):
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.threshold, self.schedule = float(threshold), schedule
+
+    def count(self, ctx):
+        if ctx.steps is None:
+            raise ValueError("the threshold_schedule transfer rule needs a step count per block")
+        frac = self.schedule.masked_fractions(ctx.steps)  # (S+1,) 1 -> 0
+        keep = float(frac[ctx.step + 1] / frac[ctx.step]) if frac[ctx.step] > 0 else 0.0
+        n_left = ctx.n_left.double()
+        floor = ctx.n_left - torch.ceil(n_left * keep - 1e-9).long()  # (B,) the schedule's share
+        sure = ((ctx.confidence > self.threshold) & ctx.candidates).sum(-1)  # (B,)
+        return torch.maximum(sure, floor).clamp(min=1).clamp(max=ctx.n_left)
 
 
 class FactorTransfer(TransferRule):
