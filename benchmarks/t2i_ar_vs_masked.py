@@ -18,8 +18,9 @@ Training them from the quickstart's recipe (its tokenizer, VQ and tower director
        objective.name=autoregressive model.attention_mode=causal objective.condition_dropout=0.0
 
 Batch 1, the test split's canonical captions as prompts, side by side and interleaved over rounds
-(median of per-round ratios).  Masked: the engine's text-to-image defaults (Gumbel-confidence
-MaskGIT order, cosine schedule, CFG 3.0, and without CFG) at ``--steps`` steps; AR: ``ar_generate`` with the KV
+(median of per-round ratios).  Masked, at ``--steps`` steps: the engine's text-to-image defaults
+(threshold decoding within the step budget, CFG 0.5), the same without CFG, and MaskGIT's own
+settings (``-maskgit``: a fixed cosine split, Gumbel-confidence order, CFG 3.0); AR: ``ar_generate`` with the KV
 cache, temperature 1.0 over the code ids only, one pass per code.  Reported: seconds per image,
 NFE, speedup of masked over AR, ShapesEval of both (overall and by category), each setting's peak
 memory on top of the loaded models (``+MB``: one image, batch 1 as timed, generated in a forked child,
@@ -55,10 +56,17 @@ def ar_image(bundle, prompt: str, seed: int):
     return codes_to_pil(bundle.vq, codes)[0], out.nfe
 
 
-def masked_image(bundle, prompt: str, steps: int, seed: int, guidance: float | None = None):
-    from mmdiff.generation import text_to_image
+def masked_image(bundle, prompt: str, steps: int, seed: int, guidance: float | None = None, maskgit: bool = False):
+    import dataclasses
 
-    r = text_to_image(bundle, prompt, steps=steps, generator=seed, guidance=guidance)
+    from mmdiff.generation import DEFAULT_SETTINGS, text_to_image
+
+    sampler = None
+    if maskgit:  # MaskGIT / Muse: the schedule's fixed split, Gumbel-confidence order, CFG 3
+        sampler = dataclasses.replace(DEFAULT_SETTINGS["t2i"].sampler, transfer="schedule", score="gumbel_confidence",
+                                      score_temperature=4.5)
+        guidance = 3.0
+    r = text_to_image(bundle, prompt, steps=steps, generator=seed, guidance=guidance, sampler=sampler)
     return r.image, r.nfe
 
 
@@ -103,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [p for p, _ in samples]
     heldout = [h for _, h in samples]
     variants = {}
-    for s in a.steps:  # with the default image CFG (two rows per pass) and without
+    for s in a.steps:  # with the default image CFG (two rows per pass), without, and MaskGIT's settings
         variants[f"masked-{s}"] = lambda p, i, s=s: masked_image(masked, p, s, i)
         variants[f"masked-{s}-nocfg"] = lambda p, i, s=s: masked_image(masked, p, s, i, guidance=0.0)
+        variants[f"masked-{s}-maskgit"] = lambda p, i, s=s: masked_image(masked, p, s, i, maskgit=True)
     variants["ar-kv-cache"] = lambda p, i: ar_image(ar, p, i)
     times = {n: [] for n in variants}
     images = {n: [] for n in variants}

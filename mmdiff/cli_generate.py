@@ -135,9 +135,10 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     common(t)
     t.add_argument("--prompt", required=True, help="the image description")
     t.add_argument("--out", required=True, help="output image file (.png)")
-    t.add_argument("--steps", type=int, default=16, help="sampling steps (cosine schedule)")
+    t.add_argument("--steps", type=int, default=16,
+                   help="step budget (threshold decoding may finish in fewer passes)")
     t.add_argument("--guidance", type=float, default=None,
-                   help="image classifier-free guidance scale (default 3.0; 0 = off)")
+                   help="image classifier-free guidance scale (default 0.5; 0 = off)")
     t.set_defaults(handler=_t2i)
 
     v = gsub.add_parser("vqa", help="answer --question about --image")

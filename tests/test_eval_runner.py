@@ -84,7 +84,8 @@ def test_yaml_configs_are_the_builtin_settings():
     vqa = load_eval_config("vqa")
     assert (vqa.gen_length, vqa.steps, vqa.block_length, vqa.sampler.temperature) == (4, 4, None, 0.0)
     t2i = default_eval_config("t2i")
-    assert t2i["steps"] == 16 and t2i["sampler"]["guidance"]["image_scale"] == 3.0
+    assert t2i["steps"] == 16 and t2i["sampler"]["guidance"]["image_scale"] == 0.5
+    assert t2i["sampler"]["transfer"] == "threshold_schedule"
 
 
 def test_config_errors():
@@ -141,7 +142,7 @@ def test_task_end_to_end(task, bundle, tiny_world, tmp_path):
             assert meta["prompt"] == row["prompt"] and meta["tag"] in ("single_object", "two_objects", "three_objects")
             assert (folder / "samples" / "0000.png").is_file() and row["prediction"].endswith("samples/0000.png")
             assert row["prompt"] == row["reference"]  # the canonical caption
-        assert r["settings"]["steps"] == 4 and r["settings"]["guidance"] == 3.0
+        assert r["settings"]["steps"] == 4 and r["settings"]["guidance"] == 0.5
     elif task == "text":
         assert m["count"] == 5 and m["nll_per_token"] > 0 and m["perplexity"] > 1
         assert math.isclose(m["perplexity"], math.exp(m["nll_per_token"]), rel_tol=1e-9)

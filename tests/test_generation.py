@@ -107,7 +107,8 @@ def test_default_settings_are_pinned():
         assert d.gen_length is None and d.block_length == 8 and d.sampler.score == "confidence"
         assert d.sampler.temperature == 0.0
     t2i = DEFAULT_SETTINGS["t2i"].sampler
-    assert (t2i.steps, t2i.schedule.name, t2i.score, t2i.temperature) == (16, "cosine", "gumbel_confidence", 1.0)
+    assert (t2i.steps, t2i.schedule.name, t2i.score, t2i.temperature) == (16, "cosine", "confidence", 1.0)
+    assert (t2i.transfer, t2i.threshold) == ("threshold_schedule", 0.7)
     assert t2i.guidance.image_scale > 0 and t2i.guidance.image_uncond == "empty_prompt"
 
 

@@ -62,6 +62,24 @@ def test_scheduler_equals_engine_single_block(model):
     assert torch.equal(out, eng.tokens)
 
 
+@pytest.mark.parametrize("threshold", [0.9, 0.3])
+def test_threshold_scheduler_equals_engine_threshold_schedule(model, threshold):
+    sched = MaskedDiffusionScheduler(mask_token_id=MASK, schedule="cosine", score="confidence", temperature=0.0,
+                                     threshold=threshold)
+    x = canvas()
+    out, committed = loop(sched, model, x.clone(), 6)
+    assert not bool((out == MASK).any())
+    target = x == MASK
+    batch = dict(input_ids=x, attention_mask=torch.ones_like(target), target_mask=target)
+    cfg = SamplerConfig(steps=6, schedule=ScheduleConfig(name="cosine"), score="confidence",
+                        transfer="threshold_schedule", threshold=threshold)
+    eng = build_sampler(cfg).generate(model, batch, mask_token_id=MASK)
+    assert torch.equal(out, eng.tokens)
+    # the steps after the canvas is full commit nothing; the engine stops there
+    done = [k for k, c in enumerate(committed) if sum(c) > 0]
+    assert eng.nfe == done[-1] + 1
+
+
 def test_save_and_load(tmp_path):
     sched = MaskedDiffusionScheduler(mask_token_id=7, schedule="linear", shift=0.5, temperature=0.3, top_k=5)
     sched.save_pretrained(tmp_path)

@@ -1,7 +1,7 @@
 """``MMDiffT2IPipeline``: text-to-image as a diffusers ``DiffusionPipeline``.
 
     pipe = MMDiffT2IPipeline.from_bundle(load_bundle("runs/shapes/model"))
-    images = pipe("a red circle in the top left", num_inference_steps=16, guidance_scale=3.0,
+    images = pipe("a red circle in the top left", num_inference_steps=16, guidance_scale=0.5,
                   generator=torch.Generator().manual_seed(0)).images          # [PIL.Image]
     pipe.save_pretrained("t2i_pipe");  MMDiffT2IPipeline.from_pretrained("t2i_pipe")
 
@@ -45,7 +45,7 @@ from typing import Any, Literal, Sequence
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, VQModel
 
-from mmdiff.generation import check_text, codes_to_pil, layout_canvas
+from mmdiff.generation import T2I_GUIDANCE, T2I_STEPS, T2I_THRESHOLD, check_text, codes_to_pil, layout_canvas
 from mmdiff.models.unified import MMDiffForDiffusion
 from mmdiff.models.vq import VQTokenizer, config_from_diffusers
 from mmdiff.processor import MMProcessor, ProcessorConfig
@@ -54,8 +54,8 @@ from mmdiff.sampling.scheduler import MaskedDiffusionScheduler
 
 __all__ = ["MMDiffT2IPipeline"]
 
-DEFAULT_STEPS = 16
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_STEPS = T2I_STEPS
+DEFAULT_GUIDANCE = T2I_GUIDANCE
 
 
 def processor_from_model(model: MMDiffForDiffusion, tokenizer: Any) -> MMProcessor:
@@ -133,9 +133,11 @@ class MMDiffT2IPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ construction
     @staticmethod
     def default_scheduler(processor: MMProcessor, **overrides: Any) -> MaskedDiffusionScheduler:
-        """MaskGIT settings: cosine schedule, tokens at temperature 1, Gumbel-confidence (τ 4.5)."""
+        """The engine's text-to-image defaults: tokens at temperature 1, committed by confidence with
+        threshold decoding (τ 0.7) over a cosine floor.  MaskGIT's own settings:
+        ``threshold=None, score="gumbel_confidence", score_temperature=4.5``."""
         kwargs = dict(mask_token_id=processor.mask_id, text_vocab_size=processor.text_vocab_size, schedule="cosine",
-                      score="gumbel_confidence", score_temperature=4.5, temperature=1.0)
+                      score="confidence", temperature=1.0, threshold=T2I_THRESHOLD)
         kwargs.update(overrides)
         return MaskedDiffusionScheduler(**kwargs)
 
@@ -196,6 +198,8 @@ class MMDiffT2IPipeline(DiffusionPipeline):
             logits = plan.combine(logits) if plan is not None else logits.double()  # (B, L, V)
             x = self.scheduler.step(logits, i, x, generator=generator, maskable=canvas,
                                     code_positions=code_positions).prev_sample
+            if not bool((x[canvas] == proc.mask_id).any()):  # threshold decoding can finish early
+                break
 
         h, w = proc.cfg.code_grid
         codes = proc.id_to_code(x[canvas]).view(B, h, w)  # (B, h, w)

@@ -9,6 +9,8 @@ Step i commits ``transfer_counts(n, S)[i]`` of the n positions that were masked 
 same :class:`~mmdiff.diffusion.schedules.MaskSchedule` object and apportionment that training's
 ``add_noise`` and the engine's ``schedule`` transfer rule use; MaskGIT's cosine by default), picking
 the masked positions with the highest position score; the last step commits everything left.
+With ``threshold`` set, a step commits at least that and also every position the model is sure of
+(threshold decoding within the step budget, the engine's ``threshold_schedule`` rule).
 It is a one-block, no-guidance, no-cache view of :mod:`mmdiff.sampling.engine`, built from the
 same parts (float64 Gumbel-max draws, :mod:`~mmdiff.sampling.scores`).
 
@@ -32,6 +34,7 @@ from torch import Tensor
 from mmdiff.diffusion.schedules import MaskSchedule, ScheduleConfig, make_schedule
 from mmdiff.sampling.sampling_utils import restrict_vocab, sample_tokens, select_top_n
 from mmdiff.sampling.scores import SCORES, ScoreContext
+from mmdiff.sampling.transfer import ThresholdScheduleTransfer, TransferContext
 
 __all__ = ["MaskedDiffusionScheduler", "MaskedDiffusionSchedulerOutput"]
 
@@ -65,6 +68,11 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         temperature, top_k (0 = off), top_p: the token draw.
         text_vocab_size: with ``code_positions`` in ``step``, restrict code positions to ids
             >= V_text and others to ids < V_text (None: no restriction).
+        threshold: None (the schedule's counts), or τ ∈ (0, 1]: threshold decoding within the
+            step budget (the engine's ``threshold_schedule`` rule): a step commits every masked
+            position whose drawn token has p > τ, and at least the schedule's share of the masks
+            still left; once nothing is masked, later steps commit nothing and a pipeline may
+            stop early.
     """
 
     config_name = "scheduler_config.json"
@@ -84,8 +92,10 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         top_k: int = 0,
         top_p: float = 1.0,
         text_vocab_size: int | None = None,
+        threshold: float | None = None,
     ):
         self.schedule: MaskSchedule = make_schedule(ScheduleConfig(name=schedule, exponent=exponent, shift=shift))
+        self.transfer = None if threshold is None else ThresholdScheduleTransfer(threshold, self.schedule)
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; known: {sorted(SCORES)}")
         self.scorer = SCORES[score](_ScoreCfg(score_temperature))
@@ -136,8 +146,6 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
             masked = masked & maskable.bool()
         if i == 0 or self._n_total is None or self._n_total.shape[0] != sample.shape[0]:
             self._n_total = masked.sum(-1).cpu()  # (B,) masks at the first step
-        counts = self.schedule.transfer_counts(self._n_total, S)  # (B, S)
-        n = counts[:, i].to(sample.device) if i < S - 1 else masked.sum(-1)  # last step: everything
 
         logits = restrict_vocab(
             model_output.double(),
@@ -147,6 +155,13 @@ class MaskedDiffusionScheduler(SchedulerMixin, ConfigMixin):
         )  # (B, L, V)
         x0, probs = sample_tokens(logits, cfg.temperature, cfg.top_k or None, cfg.top_p, generator)
         score = self.scorer(probs, x0, ScoreContext(progress=(i + 1) / S, generator=generator))
+        if self.transfer is None:
+            counts = self.schedule.transfer_counts(self._n_total, S)  # (B, S)
+            n = counts[:, i].to(sample.device) if i < S - 1 else masked.sum(-1)  # last step: everything
+        else:
+            confidence = probs.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
+            ctx = TransferContext(i, S, self._n_total.to(sample.device), masked.sum(-1), confidence, masked)
+            n = self.transfer.count(ctx)  # (B,) 0 for a row with nothing left
         committed = select_top_n(score, masked, n)  # (B, L)
         prev = torch.where(committed, x0, sample)
         pred = torch.where(masked, x0, sample)
