@@ -314,6 +314,30 @@ def test_image_codes_own_schedule_min_ratio_and_regions():
             assert grid.sum() == (r.max() - r.min() + 1) * (c.max() - c.min() + 1)
 
 
+@pytest.mark.parametrize("text_weighting, image_weighting", [("schedule", "uniform"), ("uniform", "schedule")])
+def test_image_codes_own_weighting(text_weighting, image_weighting):
+    B, L = 2, 4 + 8
+    ids = torch.randint(0, 11, (B, L), generator=torch.Generator().manual_seed(0))
+    target = torch.zeros(B, L, dtype=torch.bool)
+    target[:, 2:] = True  # 2 text targets, then 8 codes
+    codes = torch.zeros(B, L, dtype=torch.bool)
+    codes[:, 4:] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.bool), "target_mask": target,
+             "image_code_mask": codes}
+    obj = diffusion(weighting=text_weighting, image_weighting=image_weighting, image_schedule=CosineSchedule(),
+                    normalize="token")
+    out, model = run(obj, batch, model=FakeModel(B, L))
+    t = out.t
+    text_w = [1.0 / t[b].item() if text_weighting == "schedule" else 1.0 for b in range(B)]
+    img_w = [(math.pi / 2) / math.tan(math.pi * t[b].item() / 2) if image_weighting == "schedule" else 1.0
+             for b in range(B)]
+    w = [[img_w[b] if codes[b, i] else text_w[b] for i in range(L)] for b in range(B)]
+    expected = direct_loss(model.table.detach(), ids, out.supervised, w, target, "token")
+    assert out.loss.item() == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="image_weighting"):
+        diffusion(image_weighting="elbo")
+
+
 def test_min_mask_ratio():
     batch = make_batch()
     out, _ = run(diffusion(min_mask_ratio=1.0), batch)

@@ -359,18 +359,22 @@ class MaskedDiffusionObjective(Objective):
         image_min_mask_ratio: float = 0.0,
         image_region_prob: float = 0.0,
         image_grid: tuple[int, int] | None = None,
+        image_weighting: Literal["schedule", "uniform"] | None = None,
         task_weights: TaskWeights | None = None,
         task_min_mask_ratio: Tensor | None = None,
         cond_dropout_tasks: Tensor | None = None,
     ):
         if weighting not in ("schedule", "uniform"):
             raise ValueError(f"weighting must be 'schedule' or 'uniform', got {weighting!r}")
+        if image_weighting not in (None, "schedule", "uniform"):
+            raise ValueError(f"image_weighting must be None, 'schedule' or 'uniform', got {image_weighting!r}")
         if image_region_prob > 0 and image_grid is None:
             raise ValueError("image_region_prob > 0 needs image_grid")
         self.mask_token_id = int(mask_token_id)
         self.schedule, self.time_sampler = schedule, time_sampler
         self.image_schedule = image_schedule or schedule
         self.use_schedule_weight = weighting == "schedule"
+        self.use_image_schedule_weight = (image_weighting or weighting) == "schedule"
         self.normalizer = NORMALIZERS[normalize]
         self.attention_mode = attention_mode
         self.complementary = complementary
@@ -409,12 +413,14 @@ class MaskedDiffusionObjective(Objective):
         return masked
 
     def token_weights(self, p: Tensor, image_codes: Tensor) -> Tensor:
-        """ELBO weight at each token's masking probability (B, L), or ones (uniform)."""
-        if not self.use_schedule_weight:
+        """ELBO weight at each token's masking probability (B, L), or ones (uniform), chosen
+        separately for text and image-code tokens."""
+        if not (self.use_schedule_weight or self.use_image_schedule_weight):
             return torch.ones_like(p)
         pw = p.clamp(_MIN_WEIGHT_PROB, 1.0)
-        w_text = self.schedule.loss_weight_at_mask_prob(pw)
-        w_img = self.image_schedule.loss_weight_at_mask_prob(pw)
+        ones = torch.ones_like(pw)
+        w_text = self.schedule.loss_weight_at_mask_prob(pw) if self.use_schedule_weight else ones
+        w_img = self.image_schedule.loss_weight_at_mask_prob(pw) if self.use_image_schedule_weight else ones
         return torch.where(image_codes, w_img, w_text).float()
 
     # --- the loss --------------------------------------------------------------------------
@@ -563,10 +569,13 @@ class ImageCodeConfig:
 
     schedule: own schedule for codes (None: the text schedule), e.g. cosine (MMaDA, Muddit);
     min_mask_ratio: floor on their masking probability; region_prob: probability per sample
-    of masking one contiguous rectangle per image instead of i.i.d. tokens; grid: (H, W).
+    of masking one contiguous rectangle per image instead of i.i.d. tokens; grid: (H, W);
+    weighting: their loss weight, ``schedule`` (the ELBO weight of their schedule) or ``uniform``
+    (MaskGIT / Muse / MMaDA: every masked code counts the same); None: ``objective.weighting``.
     """
 
     schedule: ScheduleConfig | None = None
+    weighting: Literal["schedule", "uniform"] | None = None
     min_mask_ratio: float = 0.0
     region_prob: float = 0.0
     grid: tuple[int, int] | None = None
@@ -576,6 +585,8 @@ class ImageCodeConfig:
             raise ValueError(f"image_codes.min_mask_ratio must be in [0, 1], got {self.min_mask_ratio}")
         if not 0.0 <= self.region_prob <= 1.0:
             raise ValueError(f"image_codes.region_prob must be in [0, 1], got {self.region_prob}")
+        if self.weighting not in (None, "schedule", "uniform"):
+            raise ValueError(f"image_codes.weighting must be null, 'schedule' or 'uniform', got {self.weighting!r}")
         if self.region_prob > 0 and self.grid is None:
             raise ValueError("image_codes.region_prob > 0 needs image_codes.grid")
         if self.grid is not None and min(self.grid) < 1:
@@ -687,6 +698,7 @@ def _build_diffusion(
         image_min_mask_ratio=img.min_mask_ratio,
         image_region_prob=img.region_prob,
         image_grid=tuple(img.grid) if img.grid is not None else None,
+        image_weighting=img.weighting,
         task_weights=TaskWeights(cfg.task_names, cfg.task_weights),
         task_min_mask_ratio=(torch.tensor([float(cfg.task_min_mask_ratio.get(n, 0.0)) for n in cfg.task_names])
                              if cfg.task_min_mask_ratio else None),
