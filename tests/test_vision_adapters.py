@@ -235,6 +235,27 @@ def test_projector_pooling():
         Projector(ProjectorConfig(vision_dim=4, hidden_size=8, pool=3)).pool_tokens(torch.randn(1, 16, 4))
 
 
+def test_projector_concat_pooling_keeps_every_feature():
+    cfg = ProjectorConfig(vision_dim=3, hidden_size=8, pool=2, pool_mode="concat")
+    proj = Projector(cfg)
+    assert proj.mlp[0].in_features == 12  # 3 features x 2 x 2 patches
+    feats = torch.arange(2 * 16 * 3, dtype=torch.float32).view(2, 16, 3)
+    pooled = proj.pool_tokens(feats)  # 4x4 grid -> 2x2 tokens of 12 values
+    assert pooled.shape == (2, 4, 12)
+    grid = feats.view(2, 4, 4, 3)  # (N, row, col, D)
+    for token, (r0, c0) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+        got = pooled[:, token].view(2, 3, 2, 2)  # (N, D, i, j)
+        want = grid[:, r0:r0 + 2, c0:c0 + 2].permute(0, 3, 1, 2)  # (N, D, i, j)
+        torch.testing.assert_close(got, want)
+    # every input value appears exactly once
+    assert sorted(pooled.flatten().tolist()) == sorted(feats.flatten().tolist())
+    assert proj(feats).shape == (2, 4, 8) and cfg.num_output_tokens(16) == 4
+    with pytest.raises(ValueError, match="concat"):
+        Projector(ProjectorConfig(vision_dim=3, hidden_size=8, pool=2, pool_mode="concat", num_prefix_tokens=1))
+    with pytest.raises(ValueError, match="pool_mode"):
+        Projector(ProjectorConfig(vision_dim=3, hidden_size=8, pool=2, pool_mode="median"))
+
+
 def test_encoder_into_projector():
     enc = build_vision_encoder(tiny_vision_config("siglip"))
     proj = Projector(ProjectorConfig(vision_dim=enc.hidden_size, hidden_size=64, pool=2))

@@ -7,7 +7,10 @@ patch grid first, e.g. ``pool=2``: a 24x24 grid (576 tokens) becomes 12x12 (144)
 tokens (a CLS kept by ``select="cls_patch"``) are passed through unpooled.
 
 Pooling happens *before* the MLP (on vision features, as LLaVA-NeXT / LaViDa do), so the
-projector's parameter count does not depend on it.
+projector's parameter count does not depend on it -- except ``pool_mode="concat"``
+(space-to-depth, InternVL's / Idefics3's pixel shuffle): each output token is the concatenation
+of its k x k patches' features (D_v * k^2 wide), so fewer tokens lose no detail; the MLP's input
+grows accordingly.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class ProjectorConfig:
     hidden_size: int = 64
     kind: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     pool: int = 1  # 1 = no pooling; k = k x k average pool (grid side must be divisible by k)
-    pool_mode: Literal["avg", "max"] = "avg"
+    pool_mode: Literal["avg", "max", "concat"] = "avg"
     num_prefix_tokens: int = 0  # leading tokens (CLS) excluded from pooling
     # A learned embedding per output token position, added to the projected features.  With RoPE
     # only, an image token's *value* carries no position, so "where is the red circle?" can only
@@ -50,6 +53,11 @@ class ProjectorConfig:
             raise ValueError("vision_dim and hidden_size must be positive")
         if self.pool < 1:
             raise ValueError(f"pool must be >= 1, got {self.pool}")
+        if self.pool_mode not in ("avg", "max", "concat"):
+            raise ValueError(f"pool_mode must be 'avg', 'max' or 'concat', got {self.pool_mode!r}")
+        if self.pool_mode == "concat" and self.pool > 1 and self.num_prefix_tokens:
+            raise ValueError("pool_mode 'concat' cannot widen prefix (CLS) tokens; use select='patch' "
+                             "or another pool_mode")
         if self.num_prefix_tokens < 0:
             raise ValueError("num_prefix_tokens must be >= 0")
         if self.output_rms < 0:
@@ -77,14 +85,15 @@ class Projector(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        d_in = config.vision_dim * (config.pool ** 2 if config.pool_mode == "concat" else 1)
         if config.kind == "mlp2x_gelu":
             self.mlp = nn.Sequential(
-                nn.Linear(config.vision_dim, config.hidden_size),
+                nn.Linear(d_in, config.hidden_size),
                 nn.GELU(),
                 nn.Linear(config.hidden_size, config.hidden_size),
             )
         else:
-            self.mlp = nn.Linear(config.vision_dim, config.hidden_size)
+            self.mlp = nn.Linear(d_in, config.hidden_size)
         self.position = None
         if config.position_embedding and config.num_tokens <= 0:
             raise ValueError("projector position_embedding needs num_tokens (output tokens per image) > 0")
@@ -93,7 +102,8 @@ class Projector(nn.Module):
             self.position = nn.Parameter(torch.randn(config.num_tokens, config.hidden_size) * scale)
 
     def pool_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, prefix + s*s, D_v) -> (N, prefix + (s/k)^2, D_v), row-major grid order kept."""
+        """(N, prefix + s*s, D_v) -> (N, prefix + (s/k)^2, D_v) (D_v * k^2 for ``concat``),
+        row-major grid order kept."""
         k = self.config.pool
         if k == 1:
             return features
@@ -103,9 +113,13 @@ class Projector(nn.Module):
         self.config.num_output_tokens(features.shape[1])  # validates the grid
         side = math.isqrt(p)
         x = grid.transpose(1, 2).reshape(n, d, side, side)  # (N, D_v, s, s)
-        x = F.avg_pool2d(x, k) if self.config.pool_mode == "avg" else F.max_pool2d(x, k)  # (N, D_v, s/k, s/k)
-        x = x.flatten(2).transpose(1, 2)  # (N, (s/k)^2, D_v)
-        return torch.cat([prefix, x], dim=1)
+        mode = self.config.pool_mode
+        if mode == "concat":
+            x = F.pixel_unshuffle(x, k)  # (N, D_v*k*k, s/k, s/k): channel c*k*k + i*k + j = patch (i, j), feature c
+        else:
+            x = F.avg_pool2d(x, k) if mode == "avg" else F.max_pool2d(x, k)  # (N, D_v, s/k, s/k)
+        x = x.flatten(2).transpose(1, 2)  # (N, (s/k)^2, D_v or D_v*k*k)
+        return torch.cat([prefix, x], dim=1) if n_pre else x
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.mlp(self.pool_tokens(features))  # (N, P', D)
