@@ -5,7 +5,7 @@
 
 ``--task caption`` (default lengths: the model's caption length, blocks of 8 as the pinned eval):
 the prompt (image + instruction) cached — vanilla vs prefix cache vs dual cache (vs dual +
-threshold 0.9); quality =
+threshold 0.9 / 0.7, vs dual + the factor rule with f = 1); quality =
 caption attribute accuracy.  ``--task describe`` as below.
 
 The task is the Shapes world's long description (image -> "there are N shapes. a ..."), batch 1,
@@ -57,6 +57,8 @@ def settings(gen: int, task: str = "describe", block: int = BLOCK):
             "prefix": SamplerConfig(**base, cache="prefix"),
             "dual": SamplerConfig(**base, cache="dual"),
             "dual+threshold": SamplerConfig(**base, cache="dual", transfer="threshold", threshold=0.9),
+            "dual+threshold0.7": SamplerConfig(**base, cache="dual", transfer="threshold", threshold=0.7),
+            "dual+factor": SamplerConfig(**base, cache="dual", transfer="factor", factor=1.0),
         }
     return {
         "vanilla": SamplerConfig(**base),
