@@ -88,6 +88,31 @@ def test_pipeline_bad_input(pipe, bundle):
         MMDiffT2IPipeline.from_bundle(dataclasses.replace(bundle, vq=None))
 
 
+def test_pipeline_equals_engine_with_code_slot_embeddings(bundle):
+    """Greedy, same threshold rule and CFG: the pipeline and the engine's text_to_image give the same
+    image -- also for a model with a learned embedding per code-grid slot, which both must pass."""
+    import copy
+
+    from mmdiff.generation import DEFAULT_SETTINGS, text_to_image
+
+    model = copy.deepcopy(bundle.model)
+    torch.manual_seed(3)
+    h, w = bundle.processor.cfg.code_grid
+    model.code_position = torch.nn.Parameter(torch.randn(h * w, model.backbone.config.hidden_size))
+    slotted = dataclasses.replace(bundle, model=model)
+    greedy = dataclasses.replace(DEFAULT_SETTINGS["t2i"].sampler, temperature=0.0)
+    prompts = ["a red circle", "a small blue square at the top"]
+    for b in (bundle, slotted):
+        pipe = MMDiffT2IPipeline.from_bundle(b, temperature=0.0)
+        pipe.set_progress_bar_config(disable=True)
+        got = pipe(prompts, num_inference_steps=4, guidance_scale=0.5).images
+        want = text_to_image(b, prompts, steps=4, guidance=0.5, sampler=greedy)
+        assert all(np.array_equal(np.asarray(g), np.asarray(r.image)) for g, r in zip(got, want))
+    plain = text_to_image(bundle, prompts, steps=4, guidance=0.5, sampler=greedy)
+    with_slots = text_to_image(slotted, prompts, steps=4, guidance=0.5, sampler=greedy)
+    assert any(not torch.equal(a.codes, b.codes) for a, b in zip(plain, with_slots))  # the slots matter
+
+
 def test_pipeline_keeps_tiled_patch_vq_options(bundle, tmp_path, monkeypatch):
     """A VQ adapter with tiles and space-to-depth patches (one code per 4-px tile, like the 48-px
     Shapes cells) survives save_pretrained / from_pretrained: the rebuilt adapter decodes the same."""

@@ -46,7 +46,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, VQModel
 
 from mmdiff.generation import T2I_GUIDANCE, T2I_STEPS, T2I_THRESHOLD, check_text, codes_to_pil, layout_canvas
-from mmdiff.models.unified import MMDiffForDiffusion
+from mmdiff.models.unified import MMDiffForDiffusion, code_index
 from mmdiff.models.vq import VQTokenizer, config_from_diffusers
 from mmdiff.processor import MMProcessor, ProcessorConfig
 from mmdiff.sampling.guidance import EmptyPromptUncond, GuidancePlan
@@ -183,18 +183,23 @@ class MMDiffT2IPipeline(DiffusionPipeline):
 
         plan = None
         am, pm = batch["attention_mask"], batch["prompt_mask"]
+        code_slots = None  # each code's grid slot, for models with a learned embedding per slot
+        if getattr(self.model, "code_position", None) is not None:
+            code_slots = code_index(code_positions)  # (B, L)
         if float(guidance_scale) != 0.0:
             empty = proc.collate([proc.generation_inputs("t2i", "")] * B, left_pad=True, pad_to=L)
             empty = {k: v.to(dev) for k, v in empty.items() if torch.is_tensor(v)}
             rows = EmptyPromptUncond().build(batch, proc.mask_id, uncond_batch=empty)
             plan = GuidancePlan(scales=torch.full((B,), float(guidance_scale), dtype=torch.float64), uncond=rows)
             am, pm = torch.cat([am, rows.attention_mask]), torch.cat([pm, rows.prompt_mask])
+            if code_slots is not None:  # the unconditional rows keep the code layout
+                code_slots = torch.cat([code_slots, code_slots])
 
         x = batch["input_ids"].clone()  # (B, L)
         self.scheduler.set_timesteps(num_inference_steps, device=dev)
         for i in self.progress_bar(self.scheduler.timesteps):
             ids = x if plan is None else torch.cat([x, plan.uncond.ids(x)])  # (R, L)
-            logits = self.model(ids, attention_mask=am, prompt_mask=pm).logits  # (R, L, V)
+            logits = self.model(ids, attention_mask=am, prompt_mask=pm, image_code_index=code_slots).logits  # (R, L, V)
             logits = plan.combine(logits) if plan is not None else logits.double()  # (B, L, V)
             x = self.scheduler.step(logits, i, x, generator=generator, maskable=canvas,
                                     code_positions=code_positions).prev_sample
