@@ -125,25 +125,22 @@ class ThresholdTransfer(TransferRule):
         return sure.clamp(min=1).clamp(max=ctx.n_left)
 
 
-class ThresholdScheduleTransfer(TransferRule):
+class ThresholdScheduleTransfer(ThresholdTransfer):
     """Every candidate with p(x0) > τ, and at least the schedule's share of what is left."""
 
     uses_steps = True
 
     def __init__(self, threshold: float, schedule: MaskSchedule):
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        self.threshold, self.schedule = float(threshold), schedule
+        super().__init__(threshold)
+        self.schedule = schedule
 
     def count(self, ctx):
         if ctx.steps is None:
             raise ValueError("the threshold_schedule transfer rule needs a step count per block")
         frac = self.schedule.masked_fractions(ctx.steps)  # (S+1,) 1 -> 0
         keep = float(frac[ctx.step + 1] / frac[ctx.step]) if frac[ctx.step] > 0 else 0.0
-        n_left = ctx.n_left.double()
-        floor = ctx.n_left - torch.ceil(n_left * keep - 1e-9).long()  # (B,) the schedule's share
-        sure = ((ctx.confidence > self.threshold) & ctx.candidates).sum(-1)  # (B,)
-        return torch.maximum(sure, floor).clamp(min=1).clamp(max=ctx.n_left)
+        floor = ctx.n_left - torch.ceil(ctx.n_left.double() * keep - 1e-9).long()  # (B,) the schedule's share
+        return torch.maximum(super().count(ctx), floor).clamp(max=ctx.n_left)
 
 
 class FactorTransfer(TransferRule):
