@@ -442,3 +442,38 @@ def test_local_tokenizer_gives_equal_patches_equal_codes():
     empty = patches.abs().sum((1, 4, 5)) == 0  # (6, 8, 8)
     assert bool(empty.any()) and bool((~empty).any())
     assert set(codes[empty].tolist()) == set(blank.flatten().tolist()) and len(set(blank.flatten().tolist())) == 1
+
+
+def test_kmeans_codebook_init_gives_every_distinct_patch_its_own_code():
+    """codebook_init="kmeans": codes are set by k-means over the data's latents, so while K exceeds
+    the number of distinct patches each gets its own code (batch restarts leave rare ones sharing)."""
+    tok = VQTokenizer(tiny_config(image_size=16, patch_size=2, tile_size=2, block_out_channels=[8],
+                                  num_vq_embeddings=96, vq_embed_dim=13)).eval()
+
+    def pixel_latents(x):  # a stand-in encoder that keeps every 2x2 patch apart: its pixels (+ a bias)
+        p = torch.nn.functional.pixel_unshuffle(x, 2)  # (N, 12, 8, 8)
+        return torch.nn.functional.normalize(torch.cat([p, torch.ones_like(p[:, :1])], 1), dim=1)
+
+    tok.encode_latents = pixel_latents
+    images = scenes(40, seed=5)
+    x = images.float() / 255
+    patches = torch.nn.functional.pixel_unshuffle(x, 2).permute(0, 2, 3, 1).reshape(-1, 12)
+    n_patterns = torch.unique(patches, dim=0).shape[0]
+    assert 4 < n_patterns < 96
+    trainer = VQTrainer(tok, VQTrainConfig(codebook_init="kmeans", kmeans_images=40, dead_code_every=0))
+    assert trainer._kmeans_init(images, torch.Generator().manual_seed(0)) == n_patterns
+    codes = tok.encode_to_codes(x).flatten()
+    pairs = torch.unique(torch.cat([patches, codes[:, None].float()], 1), dim=0)
+    assert torch.unique(codes).numel() == n_patterns == pairs.shape[0]  # a bijection patch <-> code
+    assert torch.equal(trainer.ema_sum, tok.codebook.detach())
+    # inside fit: k-means runs once, when the autoencoder warm-up ends
+    tok2 = VQTokenizer(tiny_config(image_size=16, patch_size=2, tile_size=2, block_out_channels=[8],
+                                   num_vq_embeddings=96))
+    out = VQTrainer(tok2, VQTrainConfig(steps=6, batch_size=8, ae_warmup=0.5, codebook_init="kmeans",
+                                        kmeans_images=40, dead_code_every=0, eval_images=0, log_every=0)).fit(images)
+    assert out["kmeans_latents"] > 4 and out["codes_restarted"] == 0
+    with pytest.raises(ValueError, match="codebook_init"):
+        VQTrainConfig(codebook_init="random").validate()
+    with pytest.raises(ValueError, match="one tensor"):
+        VQTrainer(VQTokenizer(tiny_config()), VQTrainConfig(codebook_init="kmeans"))._kmeans_init(
+            [images[0]], torch.Generator())

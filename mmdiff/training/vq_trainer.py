@@ -89,6 +89,15 @@ class VQTrainConfig:
     # current batch.  Deep encoders (downsample 8-16) start out mapping every patch to nearly the
     # same latent, so quantising from step 0 collapses onto one code that decodes to background.
     ae_warmup: float = 0.0
+    # How the codebook starts quantising (at step 0, or when the warm-up ends): "batch" = every
+    # code restarts at a latent of the current batch (see dead_code_sampling); "kmeans" = k-means
+    # over the latents of up to ``kmeans_images`` training images (k-means++ seeding on the
+    # distinct latents, then ``kmeans_iters`` Lloyd steps).  A batch holds a few dozen distinct
+    # patterns, so batch restarts leave rare ones (small objects) sharing a code with a common one;
+    # k-means over the data gives every pattern its own code while K exceeds their number.
+    codebook_init: Literal["batch", "kmeans"] = "batch"
+    kmeans_images: int = 2000
+    kmeans_iters: int = 10
     seed: int = 0
     log_every: int = 50
     eval_every: int = 0  # 0: evaluate only at the end
@@ -114,6 +123,10 @@ class VQTrainConfig:
             raise ValueError("dead_code_until must be in [0, 1]")
         if self.dead_code_sampling not in ("uniform", "far"):
             raise ValueError(f"dead_code_sampling must be 'uniform' or 'far', got {self.dead_code_sampling!r}")
+        if self.codebook_init not in ("batch", "kmeans"):
+            raise ValueError(f"codebook_init must be 'batch' or 'kmeans', got {self.codebook_init!r}")
+        if self.kmeans_images < 1 or self.kmeans_iters < 0:
+            raise ValueError("kmeans_images must be >= 1 and kmeans_iters >= 0")
         if not 0.0 <= self.ae_warmup < 1.0:
             raise ValueError(f"ae_warmup must be in [0, 1), got {self.ae_warmup}")
         if self.crop_size < 0:
@@ -309,6 +322,8 @@ class VQTrainer:
         self.step = 0
         self.restarted = 0
         self.in_warmup = False
+        self.kmeans_done = False
+        self.kmeans_latents = 0
 
     def progress(self, step: int, elapsed_s: float = 0.0) -> float:
         """Fraction of the run done: by steps, or by wall clock when ``max_minutes`` is set."""
@@ -391,6 +406,40 @@ class VQTrainer:
                     state[key][dead] = 0.0
         return int(dead.numel())
 
+    @torch.no_grad()
+    def _kmeans_init(self, images, generator: torch.Generator) -> int:
+        """Set every code by k-means over the latents of (up to ``kmeans_images``) training images.
+
+        Returns the number of distinct latents clustered.
+        """
+        c = self.cfg
+        if not isinstance(images, torch.Tensor):
+            raise ValueError("codebook_init='kmeans' needs the training images as one tensor (N, 3, H, W)")
+        was_training = self.tok.training
+        self.tok.eval()
+        pick = torch.randperm(images.shape[0], generator=generator)[: c.kmeans_images]
+        d = self.tok.codebook.shape[1]
+        z = torch.cat([self.tok.encode_latents(_to_float(images[pick[i:i + 256]])).permute(0, 2, 3, 1).reshape(-1, d)
+                       for i in range(0, pick.numel(), 256)])
+        self.tok.train(was_training)
+        z, counts = torch.unique(z, dim=0, return_counts=True)  # (M, D): identical patches collapse
+        k = self.tok.codebook_size
+        centres = z[_far_picks(z, z[:0], k, generator)]  # k-means++ seeding (duplicates once M < K)
+        w = counts.float()
+        for _ in range(c.kmeans_iters):
+            assign = torch.cdist(z, centres, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)  # (M,) exact
+            sums = torch.zeros(k, d).index_add_(0, assign, z * w[:, None])
+            mass = torch.zeros(k).index_add_(0, assign, w)
+            used = mass > 0
+            centres[used] = sums[used] / mass[used, None]
+            if self.tok.config.l2_normalize:
+                centres = F.normalize(centres, dim=-1)
+        self.tok.codebook.data.copy_(centres)
+        if self.ema:
+            self.ema_sum.copy_(centres)
+            self.ema_count.fill_(1.0)
+        return int(z.shape[0])
+
     def _crop(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random (B, 3, c, c) crops, one offset per image, aligned to the downsample factor (the tile, if tiled)."""
         c, f = self.cfg.crop_size, self.tok.config.tile_size or self.tok.downsample_factor
@@ -428,7 +477,11 @@ class VQTrainer:
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr_at(self.step, elapsed)
                 warm = self.progress(self.step, elapsed) < c.ae_warmup
-                if self.in_warmup and not warm:  # warm-up over: every code restarts at a latent
+                if not warm and c.codebook_init == "kmeans" and not self.kmeans_done:
+                    self.kmeans_latents = self._kmeans_init(images, gen)
+                    self.kmeans_done = True
+                    self.usage_since_check.zero_()
+                elif self.in_warmup and not warm:  # warm-up over: every code restarts at a latent
                     self.usage_since_check.zero_()
                     self.restarted += self._restart_dead_codes(self.tok.encode_latents(x).detach(), gen)
                 self.in_warmup = warm
@@ -463,6 +516,7 @@ class VQTrainer:
             "steps": self.step,
             "train_time_s": round(time.time() - t0, 2),
             "codes_restarted": self.restarted,
+            "kmeans_latents": self.kmeans_latents,
             "first_rec": history[0]["rec"] if history else float("nan"),
             "last_rec": sum(h["rec"] for h in history[-10:]) / max(1, len(history[-10:])),
             "history": history,
