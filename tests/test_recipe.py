@@ -210,3 +210,25 @@ def test_interrupted_run_resumes_exactly(tiny_world, tmp_path, monkeypatch):
     res = recipe_mod.run_recipe(load_recipe(DEBUG, _overrides(tiny_world, cut, *common)))
     assert res["resumed_from"].endswith("step-00000004")
     assert losses(cut) == losses(full)
+
+
+def test_exported_model_holds_the_ema_weights(tiny_world, tmp_path):
+    """With train.ema_decay the exported model/ is the EMA of the weights (what users sample from);
+    the raw weights stay in the last checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mmdiff.training.recipe import run_recipe
+
+    r = load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "train.max_steps=4", "train.batch_size=4",
+                                      "train.warmup_steps=0", "train.ema_decay=0.5", "train.save_every=4",
+                                      "train.lr=0.01"))
+    res = run_recipe(r)
+    assert res["model_weights"] == "ema"
+    exported = _weights(res["model_dir"])
+    ckpt = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    raw = load_file(str(ckpt / "model.safetensors"))
+    name = next(k for k in ema if k.endswith("layers.0.mlp.up_proj.weight"))
+    assert torch.equal(exported[name], ema[name])
+    assert not torch.equal(exported[name], raw[name])  # the EMA lags the trained weights

@@ -413,10 +413,15 @@ def run_recipe(recipe: Recipe, accelerator: Any = None) -> dict:
     model_dir = None
     if trainer.accelerator.is_main_process:
         comps.model = trainer.unwrapped
-        model_dir = export_model(comps, out_dir)
+        if trainer.ema is not None:  # with train.ema_decay the exported model holds the EMA weights
+            with trainer.ema.swapped(comps.model):  # (the raw ones stay in the checkpoints)
+                model_dir = export_model(comps, out_dir)
+        else:
+            model_dir = export_model(comps, out_dir)
     trainer.accelerator.wait_for_everyone()
     (out_dir / "history.json").write_text(json.dumps(result.get("history", [])))
     return {"step": result["step"], "loss": result["loss"], "output_dir": str(out_dir),
             "model_dir": str(model_dir) if model_dir else str(out_dir / "model"),
+            "model_weights": "ema" if trainer.ema is not None else "raw",
             "resumed_from": result.get("resumed_from"), "steps_run": result.get("steps_run"),
             "elapsed_s": round(result.get("elapsed_s", 0.0), 2)}
