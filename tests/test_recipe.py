@@ -34,7 +34,14 @@ def test_bad_recipes_refused_before_work(tiny_world, tmp_path):
         load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.task_batch_sizes={vqa: 16}"))
     with pytest.raises(ConfigError, match="task_batch_sizes.vqa must be an integer"):
         load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.group_by_task=true", "data.task_batch_sizes={vqa: 0}"))
+    with pytest.raises(ConfigError, match=r"objective.task_weights: unknown task\(s\) \['poem'\]"):
+        load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "objective.task_weights={poem: 2.0}"))
+    with pytest.raises(ConfigError, match=r"objective.task_min_mask_ratio: unknown task\(s\) \['qa'\]"):
+        load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "objective.task_min_mask_ratio={qa: 1.0}"))
     assert not any(tmp_path.iterdir())  # nothing was written
+    # task loss weights by task name need no task_names list: the recipe fills in every task
+    r = load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "objective.task_weights={vqa: 2.0}"))
+    assert r.objective.task_weights == {"vqa": 2.0} and r.objective.task_names == []
 
 
 def test_train_resume_and_export(tiny_world, tmp_path, capsys):

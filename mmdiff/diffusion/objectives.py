@@ -641,7 +641,7 @@ class ObjectiveConfig:
         if self.reweight_gamma < 0:
             raise ValueError(f"reweight_gamma must be >= 0, got {self.reweight_gamma}")
         unknown = set(self.task_weights) - set(self.task_names)
-        if unknown:
+        if unknown and self.task_names:  # empty: filled later (the recipe sets the task list)
             raise ValueError(
                 f"task_weights names unknown tasks {sorted(unknown)}; task_names = {self.task_names}"
             )

@@ -129,6 +129,11 @@ class Recipe:
         if self.objective.name == "autoregressive" and self.model.attention_mode != "causal":
             raise ValueError("objective.name=autoregressive needs model.attention_mode=causal "
                              "(use ar_then_diffusion for the AR-then-diffusion curriculum)")
+        if not self.objective.task_names:  # the recipe fills in every task: names must be tasks
+            for key in ("task_weights", "task_min_mask_ratio", "condition_dropout_tasks"):
+                unknown = sorted(set(getattr(self.objective, key)) - set(TASKS))
+                if unknown:
+                    raise ValueError(f"objective.{key}: unknown task(s) {unknown} (tasks: {', '.join(TASKS)})")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
