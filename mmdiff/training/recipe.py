@@ -418,10 +418,10 @@ def run_recipe(recipe: Recipe, accelerator: Any = None) -> dict:
     model_dir = None
     if trainer.accelerator.is_main_process:
         comps.model = trainer.unwrapped
-        if trainer.ema is not None:  # with train.ema_decay the exported model holds the EMA weights
-            with trainer.ema.swapped(comps.model):  # (the raw ones stay in the checkpoints)
-                model_dir = export_model(comps, out_dir)
-        else:
+        import contextlib
+
+        # with train.ema_decay the exported model holds the EMA weights (the raw ones stay in the checkpoints)
+        with trainer.ema.swapped(comps.model) if trainer.ema is not None else contextlib.nullcontext():
             model_dir = export_model(comps, out_dir)
     trainer.accelerator.wait_for_everyone()
     (out_dir / "history.json").write_text(json.dumps(result.get("history", [])))

@@ -322,8 +322,7 @@ class VQTrainer:
         self.step = 0
         self.restarted = 0
         self.in_warmup = False
-        self.kmeans_done = False
-        self.kmeans_latents = 0
+        self.kmeans_latents = 0  # distinct latents the k-means init clustered (0: not run yet)
 
     def progress(self, step: int, elapsed_s: float = 0.0) -> float:
         """Fraction of the run done: by steps, or by wall clock when ``max_minutes`` is set."""
@@ -477,9 +476,8 @@ class VQTrainer:
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr_at(self.step, elapsed)
                 warm = self.progress(self.step, elapsed) < c.ae_warmup
-                if not warm and c.codebook_init == "kmeans" and not self.kmeans_done:
+                if not warm and c.codebook_init == "kmeans" and not self.kmeans_latents:
                     self.kmeans_latents = self._kmeans_init(images, gen)
-                    self.kmeans_done = True
                     self.usage_since_check.zero_()
                 elif self.in_warmup and not warm:  # warm-up over: every code restarts at a latent
                     self.usage_since_check.zero_()
