@@ -640,11 +640,6 @@ class ObjectiveConfig:
             raise ValueError(f"reweight_topk_fraction must be in (0, 1], got {self.reweight_topk_fraction}")
         if self.reweight_gamma < 0:
             raise ValueError(f"reweight_gamma must be >= 0, got {self.reweight_gamma}")
-        unknown = set(self.task_weights) - set(self.task_names)
-        if unknown and self.task_names:  # empty: filled later (the recipe sets the task list)
-            raise ValueError(
-                f"task_weights names unknown tasks {sorted(unknown)}; task_names = {self.task_names}"
-            )
         if any(w < 0 for w in self.task_weights.values()):
             raise ValueError("task_weights must be >= 0")
         for name in TASK_KEYED:
@@ -659,7 +654,7 @@ class ObjectiveConfig:
 
 
 #: ObjectiveConfig fields that name tasks; checked against ``task_names``
-TASK_KEYED = ("task_min_mask_ratio", "condition_dropout_tasks")
+TASK_KEYED = ("task_weights", "task_min_mask_ratio", "condition_dropout_tasks")
 
 
 REWEIGHTINGS = {

@@ -20,6 +20,7 @@ tower (``model.vision.freeze: false``) and gives it its own learning rate with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from mmdiff.config import load_config
-from mmdiff.diffusion.objectives import ObjectiveConfig, build_objective
+from mmdiff.diffusion.objectives import TASK_KEYED, ObjectiveConfig, build_objective
 from mmdiff.models.projector import ProjectorConfig
 from mmdiff.models.vision import VisionConfig
 from mmdiff.processor import IMAGE_GEN, TASKS, UNDERSTANDING, ProcessorConfig
@@ -130,7 +131,7 @@ class Recipe:
             raise ValueError("objective.name=autoregressive needs model.attention_mode=causal "
                              "(use ar_then_diffusion for the AR-then-diffusion curriculum)")
         if not self.objective.task_names:  # the recipe fills in every task: names must be tasks
-            for key in ("task_weights", "task_min_mask_ratio", "condition_dropout_tasks"):
+            for key in TASK_KEYED:
                 unknown = sorted(set(getattr(self.objective, key)) - set(TASKS))
                 if unknown:
                     raise ValueError(f"objective.{key}: unknown task(s) {unknown} (tasks: {', '.join(TASKS)})")
@@ -418,8 +419,6 @@ def run_recipe(recipe: Recipe, accelerator: Any = None) -> dict:
     model_dir = None
     if trainer.accelerator.is_main_process:
         comps.model = trainer.unwrapped
-        import contextlib
-
         # with train.ema_decay the exported model holds the EMA weights (the raw ones stay in the checkpoints)
         with trainer.ema.swapped(comps.model) if trainer.ema is not None else contextlib.nullcontext():
             model_dir = export_model(comps, out_dir)
