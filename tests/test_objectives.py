@@ -411,3 +411,36 @@ def test_complementary_extreme_times_give_finite_gradients():
     assert not out.supervised[3].any()  # ... so its complement is empty
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(model.table.grad).all()
+
+
+def test_weight_cap_clips_the_text_schedule_weight():
+    """weight_cap c: a text token's weight is min(1/t, c) under the linear schedule; codes keep theirs."""
+    B, L = 4, 4 + 8
+    ids = torch.randint(0, 11, (B, L), generator=torch.Generator().manual_seed(0))
+    target = torch.zeros(B, L, dtype=torch.bool)
+    target[:, 2:] = True
+    codes = torch.zeros(B, L, dtype=torch.bool)
+    codes[:, 4:] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, L, dtype=torch.bool), "target_mask": target,
+             "image_code_mask": codes}
+    capped = seen_below = 0
+    for seed in range(6):
+        obj = diffusion(weight_cap=2.0, image_schedule=CosineSchedule(), normalize="token")
+        out, model = run(obj, batch, seed, model=FakeModel(B, L))
+        t = out.t
+        img_w = [(math.pi / 2) / math.tan(math.pi * t[b].item() / 2) for b in range(B)]
+        w = [[img_w[b] if codes[b, i] else min(1.0 / t[b].item(), 2.0) for i in range(L)] for b in range(B)]
+        expected = direct_loss(model.table.detach(), ids, out.supervised, w, target, "token")
+        assert out.loss.item() == pytest.approx(expected, rel=1e-4)
+        capped += int((t < 0.5).sum())
+        seen_below += int((t > 0.5).sum())
+    assert capped and seen_below  # both sides of the cap were exercised
+    # c = 1 is uniform weighting of text tokens
+    batch_text = make_batch()
+    one, _ = run(diffusion(weight_cap=1.0), batch_text, 3)
+    uni, _ = run(diffusion(weighting="uniform"), batch_text, 3)
+    assert one.loss.item() == pytest.approx(uni.loss.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="weight_cap"):
+        diffusion(weight_cap=0.5)
+    with pytest.raises(ValueError, match="weight_cap"):
+        from_dict(ObjectiveConfig, {"weight_cap": 0.5}).validate()

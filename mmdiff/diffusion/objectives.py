@@ -363,7 +363,10 @@ class MaskedDiffusionObjective(Objective):
         task_weights: TaskWeights | None = None,
         task_min_mask_ratio: Tensor | None = None,
         cond_dropout_tasks: Tensor | None = None,
+        weight_cap: float | None = None,
     ):
+        if weight_cap is not None and weight_cap < 1.0:
+            raise ValueError(f"weight_cap must be >= 1 (the weight at full masking), got {weight_cap}")
         if weighting not in ("schedule", "uniform"):
             raise ValueError(f"weighting must be 'schedule' or 'uniform', got {weighting!r}")
         if image_weighting not in (None, "schedule", "uniform"):
@@ -375,6 +378,7 @@ class MaskedDiffusionObjective(Objective):
         self.image_schedule = image_schedule or schedule
         self.use_schedule_weight = weighting == "schedule"
         self.use_image_schedule_weight = (image_weighting or weighting) == "schedule"
+        self.weight_cap = None if weight_cap is None else float(weight_cap)
         self.normalizer = NORMALIZERS[normalize]
         self.attention_mode = attention_mode
         self.complementary = complementary
@@ -420,6 +424,8 @@ class MaskedDiffusionObjective(Objective):
         pw = p.clamp(_MIN_WEIGHT_PROB, 1.0)
         ones = torch.ones_like(pw)
         w_text = self.schedule.loss_weight_at_mask_prob(pw) if self.use_schedule_weight else ones
+        if self.weight_cap is not None:
+            w_text = w_text.clamp(max=self.weight_cap)
         w_img = self.image_schedule.loss_weight_at_mask_prob(pw) if self.use_image_schedule_weight else ones
         return torch.where(image_codes, w_img, w_text).float()
 
@@ -625,6 +631,9 @@ class ObjectiveConfig:
     task_names: list[str] = field(default_factory=list)
     task_weights: dict[str, float] = field(default_factory=dict)
     task_min_mask_ratio: dict[str, float] = field(default_factory=dict)  # per-task floor on text masking
+    # cap on the text tokens' schedule weight (null: none).  Linear: w = 1/p, so a cap c counts
+    # rows masked below 1/c as if masked at 1/c; c = 1 is uniform weighting
+    weight_cap: float | None = None
     switch_step: int = 0
 
     def validate(self) -> None:
@@ -649,6 +658,8 @@ class ObjectiveConfig:
         for k, v in self.task_min_mask_ratio.items():
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"task_min_mask_ratio.{k} must be in [0, 1], got {v}")
+        if self.weight_cap is not None and self.weight_cap < 1.0:
+            raise ValueError(f"weight_cap must be >= 1 (the weight at full masking), got {self.weight_cap}")
         if self.switch_step < 0:
             raise ValueError(f"switch_step must be >= 0, got {self.switch_step}")
 
@@ -699,6 +710,7 @@ def _build_diffusion(
                              if cfg.task_min_mask_ratio else None),
         cond_dropout_tasks=(torch.tensor([n in cfg.condition_dropout_tasks for n in cfg.task_names])
                             if cfg.condition_dropout_tasks else None),
+        weight_cap=cfg.weight_cap,
     )
 
 
