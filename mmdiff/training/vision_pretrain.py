@@ -129,6 +129,13 @@ class VisionPretrainConfig:
     logit_scale_init: float = 2.302585  # log 10, the SigLIP paper's t'
     logit_bias_init: float = -10.0
     hard_negatives: float = 0.0  # per image, this many extra captions with one attribute changed (0: none)
+    # grounded region-phrase loss (RegionCLIP / SigLIP 2's dense objectives): each object's box pools
+    # the layer-``region_layer`` patch features (overlap-weighted), a linear head maps them into the
+    # text space and a sigmoid loss pairs them with the object's phrase ("small red circle"; the
+    # record's ``phrase`` when given) against every other phrase of the batch.  Needs per-object
+    # ``bbox`` records (the world's ``objects``); 0 = off
+    region_loss_weight: float = 0.0
+    region_layer: int = -2
     num_threads: int = 1  # torch threads (0: leave torch's default)
     max_train_samples: int = 0  # 0: every sample of the shards
     eval_samples: int = 512  # held out from the training shards when no eval shards are given
@@ -145,6 +152,8 @@ class VisionPretrainConfig:
             raise ValueError("max_minutes, warmup_steps, weight_decay and grad_clip must be >= 0")
         if self.hard_negatives < 0:
             raise ValueError("hard_negatives must be >= 0")
+        if self.region_loss_weight < 0:
+            raise ValueError(f"region_loss_weight must be >= 0, got {self.region_loss_weight}")
         if self.eval_samples < 0 or self.probe_samples < 0 or self.max_train_samples < 0:
             raise ValueError("sample counts must be >= 0")
 
@@ -239,13 +248,14 @@ def load_pairs(shards, encode: CaptionEncoder, image_size: int, limit: int = 0) 
         if s.image is None or not paraphrases:
             continue
         img = s.image.convert("RGB")
+        scale = (image_size / img.size[0], image_size / img.size[1])
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.NEAREST)
         images.append(np.asarray(img, dtype=np.uint8))
         texts.extend(paraphrases)
         counts.append(len(paraphrases))
         shown.append(s.caption or paraphrases[0])
-        objects.append(list(s.meta.get("objects") or []))
+        objects.append([_scaled_box(o, scale) for o in (s.meta.get("objects") or [])])
         keys.append(paraphrases[0])  # canonical caption: the scene as text can tell it
         if limit and len(images) >= limit:
             break
@@ -261,6 +271,14 @@ def load_pairs(shards, encode: CaptionEncoder, image_size: int, limit: int = 0) 
         scene_ids=torch.tensor([scene_of[k] for k in keys], dtype=torch.long),
         captions=shown, objects=objects, scene_index=scene_of,
     )
+
+
+def _scaled_box(obj, scale: tuple[float, float]):
+    """An object record with its ``bbox`` (x0, y0, x1, y1 pixels) moved to the resized image."""
+    if not isinstance(obj, dict) or scale == (1.0, 1.0) or not isinstance(obj.get("bbox"), (list, tuple)):
+        return obj
+    x0, y0, x1, y1 = obj["bbox"]
+    return {**obj, "bbox": [x0 * scale[0], y0 * scale[1], x1 * scale[0], y1 * scale[1]]}
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -562,12 +580,86 @@ def _hard_negatives(data: PairData, idx: torch.Tensor, encode: CaptionEncoder, r
     return encode(texts), torch.tensor(scenes, dtype=torch.long)
 
 
+def region_phrase(obj) -> str | None:
+    """An object's phrase: its ``phrase`` field, else "{size} {color} {shape}" (world records)."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("phrase"), str) and obj["phrase"].strip():
+        return obj["phrase"].strip()
+    parts = [obj.get(k) for k in ("size", "color", "shape")]
+    return " ".join(parts) if all(isinstance(p, str) and p for p in parts) else None
+
+
+def region_weights(bbox, image_size: int, patch: int) -> torch.Tensor | None:
+    """(P,) share of the box ``bbox`` = (x0, y0, x1, y1) pixels (x1, y1 exclusive) that falls in each
+    patch (row-major), summing to 1; None for a box outside the image or empty."""
+    grid = image_size // patch
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    edges = torch.arange(grid + 1, dtype=torch.float64) * patch
+    ox = (torch.minimum(edges[1:], torch.tensor(x1)) - torch.maximum(edges[:-1], torch.tensor(x0))).clamp(min=0)
+    oy = (torch.minimum(edges[1:], torch.tensor(y1)) - torch.maximum(edges[:-1], torch.tensor(y0))).clamp(min=0)
+    w = (oy[:, None] * ox[None, :]).flatten()  # (P,) overlap areas
+    total = w.sum()
+    return None if total <= 0 else (w / total).float()
+
+
+class RegionHead(torch.nn.Module):
+    """Pooled box features -> the text embedding space, with the loss's own t' and b (SigLIP init)."""
+
+    def __init__(self, vision_dim: int, text_dim: int, logit_scale_init: float, logit_bias_init: float):
+        super().__init__()
+        self.proj = torch.nn.Linear(vision_dim, text_dim)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self.logit_bias = torch.nn.Parameter(torch.tensor(float(logit_bias_init)))
+
+
+def _batch_regions(data: PairData, idx: torch.Tensor, image_size: int, patch: int):
+    """Every boxed object of the batch: (weights (R, B, P), phrases list[str]) or None when none."""
+    rows, phrases = [], []
+    n_patches = (image_size // patch) ** 2
+    for b, i in enumerate(idx.tolist()):
+        for o in data.objects[i]:
+            phrase = region_phrase(o)
+            box = o.get("bbox") if isinstance(o, dict) else None
+            w = region_weights(box, image_size, patch) if phrase and isinstance(box, (list, tuple)) and len(box) == 4 else None
+            if w is None:
+                continue
+            row = torch.zeros(len(idx), n_patches)
+            row[b] = w
+            rows.append(row)
+            phrases.append(phrase)
+    return (torch.stack(rows), phrases) if rows else None
+
+
+def region_loss(head: RegionHead, model, features: torch.Tensor, weights: torch.Tensor, phrases: list[str],
+                encode: CaptionEncoder) -> torch.Tensor:
+    """Sigmoid loss between each box's pooled features and every distinct phrase of the batch.
+
+    ``features`` (B, P, D) patch features, ``weights`` (R, B, P) each region's pooling weights.
+    """
+    pooled = torch.einsum("rbp,bpd->rd", weights, features)  # (R, D)
+    regions = F.normalize(head.proj(pooled), dim=-1)
+    unique = list(dict.fromkeys(phrases))
+    texts = F.normalize(model.get_text_features(input_ids=encode(unique)).pooler_output, dim=-1)  # (U, D)
+    logits = regions @ texts.T * head.logit_scale.exp() + head.logit_bias  # (R, U)
+    which = torch.tensor([unique.index(p) for p in phrases])
+    positives = which[:, None] == torch.arange(len(unique))[None, :]
+    return sigmoid_loss(logits, positives)
+
+
 def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncoder,
          log: Callable[[dict], None] | None) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    opt = _optimizer(model, cfg)
+    head = None
+    if cfg.region_loss_weight > 0:
+        vc = model.vision_model.config
+        head = RegionHead(vc.hidden_size, model.config.text_config.projection_size,
+                          cfg.logit_scale_init, cfg.logit_bias_init)
+    trained = model if head is None else torch.nn.ModuleList([model, head])  # the head is not saved
+    opt = _optimizer(trained, cfg)
     model.train()
+    region_history: list[float] = []
     history: list[tuple[int, float]] = []
     n = len(data)
     batch = min(cfg.batch_size, n)
@@ -588,23 +680,32 @@ def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncode
             g["lr"] = lr
         neg_ids, neg_scenes = _hard_negatives(data, idx, encode, cfg.hard_negatives, rng)
         ids = torch.cat([data.caption_ids[pick], neg_ids])  # (B + H, L)
-        out = model(input_ids=ids, pixel_values=normalise(data.images[idx]))  # logits (B, B + H)
+        regions = _batch_regions(data, idx, vc.image_size, vc.patch_size) if head is not None else None
+        out = model(input_ids=ids, pixel_values=normalise(data.images[idx]),
+                    output_hidden_states=regions is not None)  # logits (B, B + H)
         text_scenes = torch.cat([data.scene_ids[idx], neg_scenes])  # (B + H,)
         positives = data.scene_ids[idx][:, None] == text_scenes[None, :]  # (B, B + H)
         loss = sigmoid_loss(out.logits_per_image, positives)
+        if regions is not None:
+            feats = out.vision_model_output.hidden_states[cfg.region_layer]  # (B, P, D)
+            r_loss = region_loss(head, model, feats, regions[0], regions[1], encode)
+            loss = loss + cfg.region_loss_weight * r_loss
+            region_history.append(r_loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
         history.append((step, loss.item()))
         if log is not None and (step % cfg.log_every == 0 or step == 1):
             log({"step": step, "loss": round(loss.item(), 4), "lr": lr,
+                 **({"region_loss": round(region_history[-1], 4)} if region_history else {}),
                  "t": round(model.logit_scale.exp().item(), 2), "b": round(model.logit_bias.item(), 2),
                  "elapsed_s": round(time.perf_counter() - t0, 1)})
     return {"steps": step, "train_time_s": time.perf_counter() - t0, "history": history,
             "final_loss": float(np.mean([l for _, l in history[-20:]])) if history else float("nan"),
+            "final_region_loss": float(np.mean(region_history[-20:])) if region_history else None,
             "logit_scale": model.logit_scale.exp().item(), "logit_bias": model.logit_bias.item()}
 
 
