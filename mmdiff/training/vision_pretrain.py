@@ -613,31 +613,45 @@ class RegionHead(torch.nn.Module):
         self.logit_bias = torch.nn.Parameter(torch.tensor(float(logit_bias_init)))
 
 
-def _batch_regions(data: PairData, idx: torch.Tensor, image_size: int, patch: int):
-    """Every boxed object of the batch: (weights (R, B, P), phrases list[str]) or None when none."""
-    rows, phrases = [], []
-    n_patches = (image_size // patch) ** 2
-    for b, i in enumerate(idx.tolist()):
-        for o in data.objects[i]:
+def _all_regions(data: PairData, image_size: int, patch: int):
+    """Every usable boxed object of ``data``: (weights (R, P), image index (R,), phrases), computed once."""
+    rows, owner, phrases = [], [], []
+    for n, objs in enumerate(data.objects):
+        for o in objs:
             phrase = region_phrase(o)
             box = o.get("bbox") if isinstance(o, dict) else None
-            w = region_weights(box, image_size, patch) if phrase and isinstance(box, (list, tuple)) and len(box) == 4 else None
-            if w is None:
+            if not phrase or not isinstance(box, (list, tuple)) or len(box) != 4:
                 continue
-            row = torch.zeros(len(idx), n_patches)
-            row[b] = w
-            rows.append(row)
-            phrases.append(phrase)
-    return (torch.stack(rows), phrases) if rows else None
+            w = region_weights(box, image_size, patch)
+            if w is not None:
+                rows.append(w), owner.append(n), phrases.append(phrase)
+    if not rows:
+        return None
+    return torch.stack(rows), torch.tensor(owner, dtype=torch.long), phrases
 
 
-def region_loss(head: RegionHead, model, features: torch.Tensor, weights: torch.Tensor, phrases: list[str],
-                encode: CaptionEncoder) -> torch.Tensor:
+def _batch_regions(regions, idx: torch.Tensor):
+    """The regions of the batch images ``idx``: (weights (R, P), batch row (R,), phrases) or None."""
+    if regions is None:
+        return None
+    weights, owner, phrases = regions
+    row_of = torch.full((int(owner.max()) + 1,), -1, dtype=torch.long)
+    keep = idx[idx <= owner.max()]
+    row_of[keep] = (idx <= owner.max()).nonzero().flatten()
+    rows = row_of[owner]
+    sel = (rows >= 0).nonzero().flatten()
+    if len(sel) == 0:
+        return None
+    return weights[sel], rows[sel], [phrases[i] for i in sel.tolist()]
+
+
+def region_loss(head: RegionHead, model, features: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,
+                phrases: list[str], encode: CaptionEncoder) -> torch.Tensor:
     """Sigmoid loss between each box's pooled features and every distinct phrase of the batch.
 
-    ``features`` (B, P, D) patch features, ``weights`` (R, B, P) each region's pooling weights.
+    ``features`` (B, P, D) patch features; region r pools row ``rows[r]`` with ``weights[r]`` (P,).
     """
-    pooled = torch.einsum("rbp,bpd->rd", weights, features)  # (R, D)
+    pooled = torch.einsum("rp,rpd->rd", weights, features[rows])  # (R, D)
     regions = F.normalize(head.proj(pooled), dim=-1)
     unique = list(dict.fromkeys(phrases))
     texts = F.normalize(model.get_text_features(input_ids=encode(unique)).pooler_output, dim=-1)  # (U, D)
@@ -657,6 +671,7 @@ def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncode
         head = RegionHead(vc.hidden_size, model.config.text_config.projection_size,
                           cfg.logit_scale_init, cfg.logit_bias_init)
     trained = model if head is None else torch.nn.ModuleList([model, head])  # the head is not saved
+    all_regions = _all_regions(data, vc.image_size, vc.patch_size) if head is not None else None
     opt = _optimizer(trained, cfg)
     model.train()
     region_history: list[float] = []
@@ -680,7 +695,7 @@ def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncode
             g["lr"] = lr
         neg_ids, neg_scenes = _hard_negatives(data, idx, encode, cfg.hard_negatives, rng)
         ids = torch.cat([data.caption_ids[pick], neg_ids])  # (B + H, L)
-        regions = _batch_regions(data, idx, vc.image_size, vc.patch_size) if head is not None else None
+        regions = _batch_regions(all_regions, idx)
         out = model(input_ids=ids, pixel_values=normalise(data.images[idx]),
                     output_hidden_states=regions is not None)  # logits (B, B + H)
         text_scenes = torch.cat([data.scene_ids[idx], neg_scenes])  # (B + H,)
@@ -688,7 +703,7 @@ def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncode
         loss = sigmoid_loss(out.logits_per_image, positives)
         if regions is not None:
             feats = out.vision_model_output.hidden_states[cfg.region_layer]  # (B, P, D)
-            r_loss = region_loss(head, model, feats, regions[0], regions[1], encode)
+            r_loss = region_loss(head, model, feats, *regions, encode)
             loss = loss + cfg.region_loss_weight * r_loss
             region_history.append(r_loss.item())
         opt.zero_grad(set_to_none=True)
