@@ -10,16 +10,17 @@ own checkpoints (resumable).  Stage results flow into later stages through the m
     03-vq-tokenizer     tokenizers/configs/vq-shapes.yaml, stopped by a wall-clock budget
     04-vision-tower     train/configs/vision-siglip-shapes.yaml (SigLIP, sigmoid loss), budgeted
     05-unified-stage1   train/configs/quickstart-stage1.yaml: projector only, tower frozen
-    06-unified-stage2   train/configs/quickstart-stage2.yaml: everything, from stage 1's model
-    07-eval             run_eval on test (vqa, caption, describe, t2i) and heldout (t2i); VQ recon
-    08-report           write_report: summary, metrics, loss curves, t2i grid, VQA examples
+    06-unified-vqa      train/configs/quickstart-vqa.yaml: everything trains, on VQA rows only
+    07-unified-stage2   train/configs/quickstart-stage2.yaml: everything, all tasks, from 06's model
+    08-eval             run_eval on test (vqa, caption, describe, t2i) and heldout (t2i); VQ recon
+    09-report           write_report: summary, metrics, loss curves, t2i grid, VQA examples
 
 The unified stages run the same recipe files a user would, with this run's paths as
 ``key=value`` overrides (recorded in their markers).  All budgets live in ``QuickstartSizes``.
 
 The machine has two cores and every stage runs single-threaded, so independent work runs side by
-side: stages 03 and 04 in two processes (``run_parallel``), stage 06 data-parallel in two
-``torchrun`` processes, and stage 07 as two halves of the evaluations.
+side: stages 03 and 04 in two processes (``run_parallel``), stages 06 and 07 data-parallel in two
+``torchrun`` processes, and stage 08 as two halves of the evaluations.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class QuickstartSizes:
     vq_minutes: float = 3.0
     vision_minutes: float = 2.9  # runs beside the VQ tokenizer (3 min): the same wall time
     stage1_steps: int = 40
+    vqa_steps: int = 600  # VQA-only steps before stage 2 (~1.5 min; BENCHMARKS.md, session 10)
     stage2_steps: int = 3500  # ~5 steps/s in two processes (4,000: no measurable gain, +2 min; BENCHMARKS.md)
     batch_size: int = 16
     eval_limit: int = 64  # test scenes for vqa (~10 questions each, fast), caption, describe (~0.7 s each)
@@ -66,7 +68,7 @@ class QuickstartSizes:
 
     @classmethod
     def reduced(cls) -> "QuickstartSizes":
-        return cls(train=400, val=50, test=100, heldout=50, stage1_steps=2, stage2_steps=4, batch_size=4,
+        return cls(train=400, val=50, test=100, heldout=50, stage1_steps=2, vqa_steps=2, stage2_steps=4, batch_size=4,
                    eval_limit=4, t2i_limit=2, recon_images=50, processes=2, reduced_mode=True)
 
 
@@ -84,6 +86,7 @@ TARGETS = {  # test split; a miss is reported with its gap, never lowered
 }
 REPO = Path(__file__).resolve().parent.parent
 STAGE1_RECIPE = REPO / "train" / "configs" / "quickstart-stage1.yaml"
+VQA_RECIPE = REPO / "train" / "configs" / "quickstart-vqa.yaml"
 STAGE2_RECIPE = REPO / "train" / "configs" / "quickstart-stage2.yaml"
 VQ_CONFIG = REPO / "tokenizers" / "configs" / "vq-shapes.yaml"
 VISION_CONFIG = REPO / "train" / "configs" / "vision-siglip-shapes.yaml"
@@ -471,7 +474,8 @@ def _stage_report(out: Path, stages: dict, ev: dict, data: dict) -> Callable[[Pa
 
         curves = {"vision tower (SigLIP)": _curve(Path(stages["04-vision-tower"]["tower_dir"]) / "loss_history.json"),
                   "unified stage 1": _curve(Path(stages["05-unified-stage1"]["history"])),
-                  "unified stage 2": _curve(Path(stages["06-unified-stage2"]["history"]))}
+                  "unified VQA stage": _curve(Path(stages["06-unified-vqa"]["history"])),
+                  "unified stage 2": _curve(Path(stages["07-unified-stage2"]["history"]))}
         t2i = []
         t2i_dir = Path(ev["dirs"]["test-t2i"])
         for r in read_predictions(t2i_dir / "predictions.jsonl")[:16]:
@@ -565,14 +569,20 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
     stages["05-unified-stage1"] = st1 = run_stage(out, "05-unified-stage1", _stage_unified(STAGE1_RECIPE, s1),
                                                   {"recipe": file_digest(STAGE1_RECIPE), "overrides": s1})
     m1 = st1["model_dir"]
-    s2 = [f"model.size={m1}", f"model.tokenizer={m1}", f"train.init_from={m1}",
+    sv = [f"model.size={m1}", f"model.tokenizer={m1}", f"train.init_from={m1}",
+          f"train.max_steps={sizes.vqa_steps}", *common]
+    stages["06-unified-vqa"] = stv = run_stage(
+        out, "06-unified-vqa", _stage_unified(VQA_RECIPE, sv, sizes.processes),
+        {"recipe": file_digest(VQA_RECIPE), "overrides": sv, "processes": sizes.processes})
+    mv = stv["model_dir"]
+    s2 = [f"model.size={mv}", f"model.tokenizer={mv}", f"train.init_from={mv}",
           f"train.max_steps={sizes.stage2_steps}", *common]
-    stages["06-unified-stage2"] = st2 = run_stage(
-        out, "06-unified-stage2", _stage_unified(STAGE2_RECIPE, s2, sizes.processes),
+    stages["07-unified-stage2"] = st2 = run_stage(
+        out, "07-unified-stage2", _stage_unified(STAGE2_RECIPE, s2, sizes.processes),
         {"recipe": file_digest(STAGE2_RECIPE), "overrides": s2, "processes": sizes.processes})
-    stages["07-eval"] = ev = run_stage(out, "07-eval", _stage_eval(data, vq, st2["model_dir"], sizes),
+    stages["08-eval"] = ev = run_stage(out, "08-eval", _stage_eval(data, vq, st2["model_dir"], sizes),
                                        _eval_settings(sizes))
-    stages["08-report"] = rep = run_stage(out, "08-report", _stage_report(out, dict(stages), ev, data))
+    stages["09-report"] = rep = run_stage(out, "09-report", _stage_report(out, dict(stages), ev, data))
     print(_summary_table(stages, ev["headline"]), file=sys.stderr, flush=True)
     missed = {k: (None if ev["headline"].get(k) is None else round(t - ev["headline"][k], 4))
               for k, t in TARGETS.items() if ev["headline"].get(k) is None or ev["headline"][k] < t}
