@@ -635,14 +635,10 @@ def _batch_regions(regions, idx: torch.Tensor):
     if regions is None:
         return None
     weights, owner, phrases = regions
-    row_of = torch.full((int(owner.max()) + 1,), -1, dtype=torch.long)
-    keep = idx[idx <= owner.max()]
-    row_of[keep] = (idx <= owner.max()).nonzero().flatten()
-    rows = row_of[owner]
-    sel = (rows >= 0).nonzero().flatten()
+    sel, rows = (owner[:, None] == idx[None, :]).nonzero(as_tuple=True)  # region, its row in the batch
     if len(sel) == 0:
         return None
-    return weights[sel], rows[sel], [phrases[i] for i in sel.tolist()]
+    return weights[sel], rows, [phrases[i] for i in sel.tolist()]
 
 
 def region_loss(head: RegionHead, model, features: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,
