@@ -128,3 +128,19 @@ def test_markers_hold_paths_relative_to_the_output_folder(tmp_path):
     again = run_stage(moved, "01-s", fn, {"path": str(moved / "01-s" / "model")})  # same settings, new place
     assert again["model_dir"] == str(moved / "01-s" / "model") and Path(again["model_dir"]).is_dir()
     assert again["overrides"] == [f"data.shards=[{moved / '01-s' / 'train'}]"]
+
+
+def test_vqa_stage_recipe_is_stage_2_on_vqa_rows():
+    """The VQA stage differs from stage 2 only in its task mix, steps and output folder: the model,
+    objective and optimiser settings must not drift apart between the two files."""
+    import yaml
+
+    from mmdiff.quickstart import STAGE2_RECIPE, VQA_RECIPE
+
+    vqa, s2 = (yaml.safe_load(p.read_text()) for p in (VQA_RECIPE, STAGE2_RECIPE))
+    assert {k: v for k, v in vqa["data"]["task_weights"].items() if v} == {"vqa": 1.0}
+    for r in (vqa, s2):
+        r["data"].pop("task_weights")
+        for key in ("max_steps", "output_dir"):
+            r["train"].pop(key)
+    assert vqa == s2
