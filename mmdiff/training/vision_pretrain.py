@@ -613,9 +613,10 @@ class RegionHead(torch.nn.Module):
         self.logit_bias = torch.nn.Parameter(torch.tensor(float(logit_bias_init)))
 
 
-def _all_regions(data: PairData, image_size: int, patch: int):
-    """Every usable boxed object of ``data``: (weights (R, P), image index (R,), phrases), computed once."""
-    rows, owner, phrases = [], [], []
+def _all_regions(data: PairData, image_size: int, patch: int, encode: CaptionEncoder):
+    """Every usable boxed object of ``data``, computed once: (weights (R, P), image index (R,),
+    phrase index (R,), phrase token ids (U, L)), or None when there is none."""
+    rows, owner, which, table = [], [], [], {}
     for n, objs in enumerate(data.objects):
         for o in objs:
             phrase = region_phrase(o)
@@ -624,36 +625,38 @@ def _all_regions(data: PairData, image_size: int, patch: int):
                 continue
             w = region_weights(box, image_size, patch)
             if w is not None:
-                rows.append(w), owner.append(n), phrases.append(phrase)
+                rows.append(w), owner.append(n), which.append(table.setdefault(phrase, len(table)))
     if not rows:
         return None
-    return torch.stack(rows), torch.tensor(owner, dtype=torch.long), phrases
+    return (torch.stack(rows), torch.tensor(owner, dtype=torch.long), torch.tensor(which, dtype=torch.long),
+            encode(list(table)))
 
 
 def _batch_regions(regions, idx: torch.Tensor):
-    """The regions of the batch images ``idx``: (weights (R, P), batch row (R,), phrases) or None."""
+    """The regions of the batch images ``idx``: (weights (R, P), batch row (R,), phrase index (R,),
+    phrase ids (U, L)) or None."""
     if regions is None:
         return None
-    weights, owner, phrases = regions
+    weights, owner, which, phrase_ids = regions
     sel, rows = (owner[:, None] == idx[None, :]).nonzero(as_tuple=True)  # region, its row in the batch
     if len(sel) == 0:
         return None
-    return weights[sel], rows, [phrases[i] for i in sel.tolist()]
+    return weights[sel], rows, which[sel], phrase_ids
 
 
 def region_loss(head: RegionHead, model, features: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,
-                phrases: list[str], encode: CaptionEncoder) -> torch.Tensor:
+                which: torch.Tensor, phrase_ids: torch.Tensor) -> torch.Tensor:
     """Sigmoid loss between each box's pooled features and every distinct phrase of the batch.
 
-    ``features`` (B, P, D) patch features; region r pools row ``rows[r]`` with ``weights[r]`` (P,).
+    ``features`` (B, P, D) patch features; region r pools row ``rows[r]`` with ``weights[r]`` (P,)
+    and its phrase is row ``which[r]`` of ``phrase_ids`` (U, L).
     """
     pooled = torch.einsum("rp,rpd->rd", weights, features[rows])  # (R, D)
     regions = F.normalize(head.proj(pooled), dim=-1)
-    unique = list(dict.fromkeys(phrases))
-    texts = F.normalize(model.get_text_features(input_ids=encode(unique)).pooler_output, dim=-1)  # (U, D)
-    logits = regions @ texts.T * head.logit_scale.exp() + head.logit_bias  # (R, U)
-    which = torch.tensor([unique.index(p) for p in phrases])
-    positives = which[:, None] == torch.arange(len(unique))[None, :]
+    present, slot = torch.unique(which, return_inverse=True)  # the batch's phrases, each region's column
+    texts = F.normalize(model.get_text_features(input_ids=phrase_ids[present]).pooler_output, dim=-1)  # (U', D)
+    logits = regions @ texts.T * head.logit_scale.exp() + head.logit_bias  # (R, U')
+    positives = slot[:, None] == torch.arange(len(present))[None, :]
     return sigmoid_loss(logits, positives)
 
 
@@ -667,7 +670,7 @@ def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncode
         head = RegionHead(vc.hidden_size, model.config.text_config.projection_size,
                           cfg.logit_scale_init, cfg.logit_bias_init)
     trained = model if head is None else torch.nn.ModuleList([model, head])  # the head is not saved
-    all_regions = _all_regions(data, vc.image_size, vc.patch_size) if head is not None else None
+    all_regions = _all_regions(data, vc.image_size, vc.patch_size, encode) if head is not None else None
     opt = _optimizer(trained, cfg)
     model.train()
     region_history: list[float] = []
@@ -699,7 +702,7 @@ def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncode
         loss = sigmoid_loss(out.logits_per_image, positives)
         if regions is not None:
             feats = out.vision_model_output.hidden_states[cfg.region_layer]  # (B, P, D)
-            r_loss = region_loss(head, model, feats, *regions, encode)
+            r_loss = region_loss(head, model, feats, *regions)
             loss = loss + cfg.region_loss_weight * r_loss
             region_history.append(r_loss.item())
         opt.zero_grad(set_to_none=True)
