@@ -477,3 +477,84 @@ def test_kmeans_codebook_init_gives_every_distinct_patch_its_own_code():
     with pytest.raises(ValueError, match="one tensor"):
         VQTrainer(VQTokenizer(tiny_config()), VQTrainConfig(codebook_init="kmeans"))._kmeans_init(
             [images[0]], torch.Generator())
+
+
+def test_cell_grid_codes_each_layout_cell_alone(tmp_path):
+    """cell_grid: a 32-px image's 3x3 cells are 11, 10 and 11 px wide (pixel x is in cell
+    floor((x + 0.5) * 3 / 32)); each is padded to 11 px and coded on its own, one code per cell, and
+    decoding drops the padding.  A cell's code is that of its pixels alone, wherever the cell is."""
+    cfg = tiny_config(image_size=32, cell_grid=3, patch_size=11, tile_size=11, block_out_channels=[8],
+                      num_vq_embeddings=64)
+    cfg.validate()
+    assert cfg.cell_side == 11 and cfg.canvas_size() == 33 and cfg.grid_size() == (3, 3)
+    tok = VQTokenizer(cfg).eval()
+    assert tok.grid_size(32) == (3, 3) and tok.num_tokens() == 9
+    x = scenes(3, size=32, seed=4).float() / 255
+    canvas = tok.to_canvas(x)
+    assert canvas.shape == (3, 3, 33, 33)
+    bounds = [(0, 11), (11, 21), (21, 32)]
+    for r, (y0, y1) in enumerate(bounds):
+        for c, (x0, x1) in enumerate(bounds):
+            cell = canvas[:, :, 11 * r:11 * r + 11, 11 * c:11 * c + 11]
+            assert torch.equal(cell[:, :, :y1 - y0, :x1 - x0], x[:, :, y0:y1, x0:x1])
+            assert cell[:, :, y1 - y0:].abs().sum() == 0 and cell[:, :, :, x1 - x0:].abs().sum() == 0  # black pad
+    assert torch.equal(tok.from_canvas(canvas), x)
+    codes = tok.encode_to_codes(x)
+    recon = tok.decode_codes(codes)
+    assert codes.shape == (3, 3, 3) and recon.shape == (3, 3, 32, 32)
+    # the same cell content in another cell (here: the top-left cell copied to the centre) gets the same code
+    y = x.clone()
+    y[:, :, 11:21, 11:21] = x[:, :, 0:10, 0:10]
+    y[:, :, 11:21, 11:21][:, :, :, -1] = 0
+    y[:, :, 11:21, 11:21][:, :, -1, :] = 0
+    moved = x[:, :, 0:11, 0:11].clone()
+    moved[:, :, 10:, :] = 0
+    moved[:, :, :, 10:] = 0
+    same = tok.encode_to_codes(torch.nn.functional.pad(moved, (0, 21, 0, 21)))[:, 0, 0]
+    assert torch.equal(tok.encode_to_codes(y)[:, 1, 1], same)
+    # a round trip through save/load keeps the layout
+    tok.save_pretrained(tmp_path)
+    loaded = VQTokenizer.from_pretrained(tmp_path).eval()
+    assert loaded.config.cell_grid == 3 and torch.equal(loaded.decode_codes(codes), recon)
+    with pytest.raises(ValueError, match="cell_grid"):
+        tok.from_canvas(torch.zeros(1, 3, 32, 32))
+
+
+def test_cell_grid_config_validation():
+    with pytest.raises(ValueError, match="straddle cells"):
+        tiny_config(image_size=32, cell_grid=3, patch_size=4, tile_size=0, block_out_channels=[8]).validate()
+    with pytest.raises(ValueError, match="cell_grid must be"):
+        tiny_config(image_size=32, cell_grid=-1).validate()
+    recipe = VQRecipe(model=tiny_config(image_size=32, cell_grid=3, patch_size=11, tile_size=11,
+                                        block_out_channels=[8]), train=VQTrainConfig(crop_size=16))
+    with pytest.raises(ValueError, match="crop_size"):
+        recipe.validate()
+
+
+def test_freeze_encoder_keeps_kmeans_codes_and_trains_the_decoder():
+    """freeze_encoder: once k-means has set the codebook (the end of the warm-up), encoder and
+    codebook stay as they are, so every pattern keeps its code, and the decoder alone learns."""
+    tok = VQTokenizer(tiny_config(image_size=16, patch_size=2, tile_size=2, block_out_channels=[8],
+                                  num_vq_embeddings=96))
+    images = scenes(40, seed=5)
+    cfg = VQTrainConfig(steps=40, batch_size=8, lr=3e-3, ae_warmup=0.25, codebook_init="kmeans", kmeans_images=40,
+                        freeze_encoder=True, dead_code_every=5, eval_images=0, log_every=0)
+    trainer = VQTrainer(tok, cfg)
+    snapshot = {}
+
+    def log(row):
+        if trainer.frozen and not snapshot:
+            snapshot["enc"] = {k: v.clone() for k, v in tok.model.encoder.state_dict().items()}
+            snapshot["codebook"] = tok.codebook.detach().clone()
+            snapshot["dec"] = {k: v.clone() for k, v in tok.model.decoder.state_dict().items()}
+            snapshot["restarted"] = trainer.restarted
+
+    cfg.log_every = 1
+    out = trainer.fit(images, log=log)
+    assert trainer.frozen and out["kmeans_latents"] > 4
+    assert out["codes_restarted"] == snapshot["restarted"]  # no dead-code restarts once frozen
+    assert all(torch.equal(v, tok.model.encoder.state_dict()[k]) for k, v in snapshot["enc"].items())
+    assert torch.equal(snapshot["codebook"], tok.codebook.detach())
+    assert any(not torch.equal(v, tok.model.decoder.state_dict()[k]) for k, v in snapshot["dec"].items())
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        VQTrainConfig(freeze_encoder=True).validate()

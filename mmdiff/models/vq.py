@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -83,6 +84,24 @@ class VQConfig:
     # that gives one code per Shapes cell at 48 px (the deep downsample-16 conv stack learned
     # too slowly on a CPU; BENCHMARKS.md).
     patch_size: int = 1
+    # > 0: the image is cut along a cell_grid x cell_grid grid of layout cells before tiling
+    # (pixel x is in cell floor((x + 0.5) * G / S), the Shapes world's rule), every cell is padded
+    # with black at its end to the widest cell's side T and the cells are laid side by side: the
+    # VQModel sees a G*T canvas whose tiles are exactly the cells, and decoding drops the padding.
+    # With tile_size = patch_size = T that is one code per cell, at any image size: 9 codes at
+    # 32 px, whose cells are 11, 10 and 11 px wide (the Shapes world has 235 distinct cell
+    # patterns there, so a 256-entry codebook can hold each).
+    cell_grid: int = 0
+
+    @property
+    def cell_side(self) -> int:
+        """Side of a padded layout cell (``cell_grid``), 0 without cells."""
+        return _cell_layout(self.image_size, self.cell_grid)[2] if self.cell_grid else 0
+
+    def canvas_size(self, image_size: int | None = None) -> int:
+        """Side of the image the VQModel sees: the cell canvas with ``cell_grid``, else the image."""
+        size = self.image_size if image_size is None else image_size
+        return self.cell_grid * _cell_layout(size, self.cell_grid)[2] if self.cell_grid else size
 
     @property
     def downsample_factor(self) -> int:
@@ -94,7 +113,7 @@ class VQConfig:
         return self.vq_embed_dim if self.vq_embed_dim is not None else self.latent_channels
 
     def grid_size(self, image_size: int | None = None) -> tuple[int, int]:
-        size = self.image_size if image_size is None else image_size
+        size = self.canvas_size(image_size)
         return size // self.downsample_factor, size // self.downsample_factor
 
     def validate(self) -> None:
@@ -110,11 +129,19 @@ class VQConfig:
             raise ValueError(f"tile_size must be >= 0, got {self.tile_size}")
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
-        if self.tile_size and (self.image_size % self.tile_size or self.tile_size % self.downsample_factor):
+        if self.cell_grid < 0 or (self.cell_grid and not 0 < self.cell_grid <= self.image_size):
+            raise ValueError(f"cell_grid must be 0 or in [1, image_size={self.image_size}], got {self.cell_grid}")
+        if self.cell_grid and self.cell_side % self.downsample_factor:
             raise ValueError(
-                f"tile_size={self.tile_size} must divide image_size={self.image_size} and be divisible by "
+                f"cell_grid={self.cell_grid}: cells of {self.cell_side} px (image_size={self.image_size}) are not a "
+                f"multiple of the downsample factor {self.downsample_factor}, so codes would straddle cells")
+        canvas = self.canvas_size()
+        if self.tile_size and (canvas % self.tile_size or self.tile_size % self.downsample_factor):
+            raise ValueError(
+                f"tile_size={self.tile_size} must divide the image side {canvas} (image_size={self.image_size}"
+                f"{f', cell_grid={self.cell_grid}' if self.cell_grid else ''}) and be divisible by "
                 f"the downsample factor {self.downsample_factor}")
-        if self.image_size <= 0 or self.image_size % self.downsample_factor:
+        if self.image_size <= 0 or canvas % self.downsample_factor:
             raise ValueError(
                 f"image_size={self.image_size} must be divisible by the downsample factor "
                 f"{self.downsample_factor} (= patch_size * 2 ** (len(block_out_channels) - 1))"
@@ -147,12 +174,13 @@ class VQConfig:
 
 
 def config_from_diffusers(model_config, l2_normalize: bool = False, tile_size: int = 0, patch_size: int = 1,
-                         grid: int | None = None) -> VQConfig:
+                         grid: int | None = None, cell_grid: int = 0, image_size: int = 0) -> VQConfig:
     """The ``VQConfig`` describing an existing diffusers ``VQModel`` plus the adapter-only options
     (for a local dir without ``mmdiff_vq.json``, or a pipeline's bare ``VQModel`` component).
 
     The VQModel's channels and sample size count space-to-depth patches; ``grid`` (codes per side
-    of the image) gives the image size when the VQModel's own ``sample_size`` is a tile's.
+    of the image) gives the image size when the VQModel's own ``sample_size`` is a tile's;
+    ``image_size`` (needed with ``cell_grid``, whose canvas is larger than the image) overrides it.
     """
     p2 = patch_size * patch_size
     if int(model_config.in_channels) % p2 or int(model_config.out_channels) % p2:
@@ -175,7 +203,33 @@ def config_from_diffusers(model_config, l2_normalize: bool = False, tile_size: i
     )
     if grid:
         config.image_size = grid * config.downsample_factor
+    if image_size:
+        config.image_size = int(image_size)
+    elif cell_grid:
+        raise ValueError("config_from_diffusers: cell_grid needs the image_size (the cell canvas is larger)")
+    config.cell_grid = int(cell_grid)
     return config
+
+
+@lru_cache(maxsize=32)
+def _cell_layout(size: int, grid: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Index maps between an image side of ``size`` pixels and its padded cell canvas.
+
+    Returns ``(src, dst, side)``: ``src[j]`` is the image pixel shown at canvas position ``j``
+    (``size`` = a padding pixel), ``dst[i]`` the canvas position of image pixel ``i``, ``side`` the
+    padded cell side.  Pixel ``i`` belongs to cell ``floor((i + 0.5) * grid / size)``.
+    """
+    cells: list[list[int]] = [[] for _ in range(grid)]
+    for i in range(size):
+        cells[min(grid - 1, int((i + 0.5) * grid / size))].append(i)
+    side = max(len(c) for c in cells)
+    src, dst = [], [0] * size
+    for c in cells:
+        for i in c:
+            dst[i] = len(src)
+            src.append(i)
+        src.extend([size] * (side - len(c)))
+    return tuple(src), tuple(dst), side
 
 
 def _centre_tap_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +282,7 @@ class VQTokenizer(nn.Module):
 
     def grid_size(self, image_size: int | None = None) -> tuple[int, int]:
         """(h, w) of the code grid for a square image of side ``image_size``."""
-        size = self.config.image_size if image_size is None else image_size
+        size = self.config.canvas_size(image_size)
         if size % self.downsample_factor:
             raise ValueError(f"image size {size} not divisible by {self.downsample_factor}")
         return size // self.downsample_factor, size // self.downsample_factor
@@ -263,9 +317,33 @@ class VQTokenizer(nn.Module):
         x = x.reshape(n, rows, cols, c, a, b).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(n, c, rows * a, cols * b)
 
+    def to_canvas(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the padded cell canvas (``cell_grid``; padding is 0 = black in [0, 1])."""
+        g = self.config.cell_grid
+        if not g:
+            return images
+        hh, ww = images.shape[-2:]
+        if hh != ww:
+            raise ValueError(f"cell_grid needs square images, got {hh}x{ww}")
+        src = torch.tensor(_cell_layout(hh, g)[0], device=images.device)
+        x = F.pad(images, (0, 1, 0, 1))  # index hh / ww: the black padding pixel
+        return x.index_select(-2, src).index_select(-1, src)
+
+    def from_canvas(self, canvas: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``to_canvas``: drop the cells' padding (the image side is ``config.image_size``)."""
+        g = self.config.cell_grid
+        if not g:
+            return canvas
+        size = self.config.image_size
+        if canvas.shape[-1] != self.config.canvas_size(size) or canvas.shape[-2] != canvas.shape[-1]:
+            raise ValueError(f"cell_grid={g}: a {tuple(canvas.shape[-2:])} canvas is not the "
+                             f"{self.config.canvas_size(size)}-px canvas of image_size={size}")
+        dst = torch.tensor(_cell_layout(size, g)[1], device=canvas.device)
+        return canvas.index_select(-2, dst).index_select(-1, dst)
+
     def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> pre-quantisation latents z (N, D, h, w)."""
-        x = pixel_values * 2.0 - 1.0  # [0, 1] -> [-1, 1]
+        x = self.to_canvas(pixel_values) * 2.0 - 1.0  # [0, 1] -> [-1, 1]
         p = self.config.patch_size
         if self.config.tile_size:
             tiles, rows, cols = self._tiles(x)
@@ -306,10 +384,10 @@ class VQTokenizer(nn.Module):
             g = self.config.tile_size // self.downsample_factor  # codes per tile side
             tiles, rows, cols = self._tiles(z_q, g)
             x = m.decoder(m.post_quant_conv(tiles), tiles if m.config.norm_type == "spatial" else None)
-            return self._untile(F.pixel_shuffle(x, p) if p > 1 else x, z_q.shape[0], rows, cols)
+            return self.from_canvas(self._untile(F.pixel_shuffle(x, p) if p > 1 else x, z_q.shape[0], rows, cols))
         h = m.post_quant_conv(z_q)  # (N, latent_channels, h, w)
         x = m.decoder(h, z_q if m.config.norm_type == "spatial" else None)
-        return F.pixel_shuffle(x, p) if p > 1 else x
+        return self.from_canvas(F.pixel_shuffle(x, p) if p > 1 else x)
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()

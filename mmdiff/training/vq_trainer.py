@@ -96,6 +96,13 @@ class VQTrainConfig:
     # patterns, so batch restarts leave rare ones (small objects) sharing a code with a common one;
     # k-means over the data gives every pattern its own code while K exceeds their number.
     codebook_init: Literal["batch", "kmeans"] = "batch"
+    # Once the codebook starts quantising (the end of the warm-up, after the k-means init), freeze
+    # the encoder and the codebook and train the decoder alone.  When many patterns are similar
+    # (the Shapes world's cells: one shape at 4-9 jitter offsets), quantised training of encoder and
+    # codebook merges them onto a few codes (k-means: 196 codes; 300 steps later: 34) and the
+    # decoder paints their blurred average; frozen, every pattern keeps the code k-means gave it and
+    # the decoder only has to learn what each code looks like.
+    freeze_encoder: bool = False
     kmeans_images: int = 2000
     kmeans_iters: int = 10
     seed: int = 0
@@ -129,6 +136,9 @@ class VQTrainConfig:
             raise ValueError("kmeans_images must be >= 1 and kmeans_iters >= 0")
         if not 0.0 <= self.ae_warmup < 1.0:
             raise ValueError(f"ae_warmup must be in [0, 1), got {self.ae_warmup}")
+        if self.freeze_encoder and self.codebook_init != "kmeans":
+            raise ValueError("freeze_encoder needs codebook_init: kmeans (a frozen codebook must start with one "
+                             "code per pattern)")
         if self.crop_size < 0:
             raise ValueError(f"crop_size must be >= 0, got {self.crop_size}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -148,6 +158,10 @@ class VQRecipe:
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
+        if self.model.cell_grid and 0 < self.train.crop_size < self.model.image_size:
+            raise ValueError(f"train.crop_size={self.train.crop_size}: crops are not supported with "
+                             f"model.cell_grid={self.model.cell_grid} (cells are laid out from whole images); "
+                             "set crop_size: 0")
 
 
 # ---------------------------------------------------------------------------------- data
@@ -323,6 +337,15 @@ class VQTrainer:
         self.restarted = 0
         self.in_warmup = False
         self.kmeans_latents = 0  # distinct latents the k-means init clustered (0: not run yet)
+        self.frozen = False  # encoder and codebook frozen (freeze_encoder, once quantising)
+
+    def _freeze_encoder(self) -> None:
+        for module in (self.tok.model.encoder, self.tok.model.quant_conv):
+            for p in module.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+        self.tok.codebook.requires_grad_(False)
+        self.frozen = True
 
     def progress(self, step: int, elapsed_s: float = 0.0) -> float:
         """Fraction of the run done: by steps, or by wall clock when ``max_minutes`` is set."""
@@ -479,6 +502,8 @@ class VQTrainer:
                 if not warm and c.codebook_init == "kmeans" and not self.kmeans_latents:
                     self.kmeans_latents = self._kmeans_init(images, gen)
                     self.usage_since_check.zero_()
+                    if c.freeze_encoder:
+                        self._freeze_encoder()
                 elif self.in_warmup and not warm:  # warm-up over: every code restarts at a latent
                     self.usage_since_check.zero_()
                     self.restarted += self._restart_dead_codes(self.tok.encode_latents(x).detach(), gen)
@@ -491,11 +516,11 @@ class VQTrainer:
                         [p for g in self.opt.param_groups for p in g["params"]], c.grad_clip
                     )
                 self.opt.step()
-                if self.ema and not warm:
+                if self.ema and not warm and not self.frozen:
                     self._ema_update(z, codes)
                 self.usage_since_check += torch.bincount(codes.flatten(), minlength=self.tok.codebook_size)
                 self.step += 1
-                if (c.dead_code_every and self.step % c.dead_code_every == 0
+                if (c.dead_code_every and self.step % c.dead_code_every == 0 and not self.frozen
                         and self.progress(self.step, time.time() - t0) <= c.dead_code_until):
                     self.restarted += self._restart_dead_codes(z, gen)
                 row = {"step": self.step, "loss": loss.item(), **parts,
