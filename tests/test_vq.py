@@ -558,3 +558,31 @@ def test_freeze_encoder_keeps_kmeans_codes_and_trains_the_decoder():
     assert any(not torch.equal(v, tok.model.decoder.state_dict()[k]) for k, v in snapshot["dec"].items())
     with pytest.raises(ValueError, match="freeze_encoder"):
         VQTrainConfig(freeze_encoder=True).validate()
+
+
+def test_unique_tiles_trains_on_each_batch_distinct_tiles():
+    """unique_tiles: a step sees each distinct tile of its batch once (blank tiles collapse to one),
+    through the same encoder/decoder path as whole images."""
+    tok = VQTokenizer(tiny_config(image_size=32, cell_grid=3, patch_size=11, tile_size=11, block_out_channels=[16],
+                                  num_vq_embeddings=64))
+    x = scenes(8, size=32, seed=2).float() / 255
+    tiles = tok.image_tiles(x)
+    assert tiles.shape == (72, 3, 11, 11)
+    z_tiles = tok.encode_latents(tiles, tiles=True)  # (72, D, 1, 1)
+    z_imgs = tok.encode_latents(x)  # (8, D, 3, 3)
+    assert torch.allclose(z_tiles[:, :, 0, 0], z_imgs.permute(0, 2, 3, 1).reshape(72, -1), atol=1e-5)
+    dec_tiles = tok.decode_latents(z_tiles, tiles=True)
+    assert torch.allclose(tok.from_canvas(tok._untile(dec_tiles, 8, 3, 3)), tok.decode_latents(z_imgs), atol=1e-5)
+    distinct = torch.unique(tiles.flatten(1), dim=0).shape[0]
+    assert distinct < 72  # blank cells repeat
+    seen = []
+    trainer = VQTrainer(tok, VQTrainConfig(steps=30, batch_size=8, lr=3e-3, unique_tiles=True, dead_code_every=0,
+                                           eval_images=0, log_every=0))
+    orig = trainer.loss
+    trainer.loss = lambda xb, quantize=True, tiles=False: (seen.append((xb.shape, tiles)), orig(xb, quantize, tiles))[1]
+    out = trainer.fit(scenes(64, size=32, seed=3))
+    assert all(t and s[1:] == (3, 11, 11) and s[0] < 72 for s, t in seen)
+    assert out["last_rec"] < 0.85 * out["first_rec"]  # it learns (rec averages distinct tiles: blank is one of them)
+    recipe = VQRecipe(model=tiny_config(image_size=32), train=VQTrainConfig(unique_tiles=True))
+    with pytest.raises(ValueError, match="unique_tiles"):
+        recipe.validate()

@@ -341,10 +341,23 @@ class VQTokenizer(nn.Module):
         dst = torch.tensor(_cell_layout(size, g)[1], device=canvas.device)
         return canvas.index_select(-2, dst).index_select(-1, dst)
 
-    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] -> pre-quantisation latents z (N, D, h, w)."""
-        x = self.to_canvas(pixel_values) * 2.0 - 1.0  # [0, 1] -> [-1, 1]
+    def image_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> the tiles the VQModel codes alone (N * rows * cols, 3, t, t), row-major
+        (the cell canvas's tiles with ``cell_grid``); needs ``tile_size``."""
+        if not self.config.tile_size:
+            raise ValueError("image_tiles needs a tiled tokenizer (tile_size > 0)")
+        return self._tiles(self.to_canvas(pixel_values))[0]
+
+    def encode_latents(self, pixel_values: torch.Tensor, tiles: bool = False) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> pre-quantisation latents z (N, D, h, w).
+
+        ``tiles=True``: the input is already tiles (M, 3, t, t) from ``image_tiles``; z is (M, D, g, g).
+        """
         p = self.config.patch_size
+        if tiles:
+            z = self.model.encode(F.pixel_unshuffle(pixel_values * 2.0 - 1.0, p) if p > 1 else pixel_values * 2.0 - 1.0).latents
+            return F.normalize(z, dim=1) if self.config.l2_normalize else z
+        x = self.to_canvas(pixel_values) * 2.0 - 1.0  # [0, 1] -> [-1, 1]
         if self.config.tile_size:
             tiles, rows, cols = self._tiles(x)
             z = self._untile(self.model.encode(F.pixel_unshuffle(tiles, p) if p > 1 else tiles).latents,
@@ -373,13 +386,17 @@ class VQTokenizer(nn.Module):
         """codes (N, h, w) long -> code vectors (N, D, h, w)."""
         return self.normalized_codebook()[codes].permute(0, 3, 1, 2)
 
-    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+    def decode_latents(self, z_q: torch.Tensor, tiles: bool = False) -> torch.Tensor:
         """Quantised latents (N, D, h, w) -> images (N, 3, H, W) in model range [-1, 1] (unclamped).
 
         Same path as ``VQModel.decode(..., force_not_quantize=True)`` with ``lookup_from_codebook``
-        off, written out so that it does not depend on that config flag.
+        off, written out so that it does not depend on that config flag.  ``tiles=True``: z_q holds
+        tiles' latents (M, D, g, g) and the result is those tiles (M, 3, t, t).
         """
         m, p = self.model, self.config.patch_size
+        if tiles:
+            x = m.decoder(m.post_quant_conv(z_q), z_q if m.config.norm_type == "spatial" else None)
+            return F.pixel_shuffle(x, p) if p > 1 else x
         if self.config.tile_size:
             g = self.config.tile_size // self.downsample_factor  # codes per tile side
             tiles, rows, cols = self._tiles(z_q, g)

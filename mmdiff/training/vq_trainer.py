@@ -103,6 +103,11 @@ class VQTrainConfig:
     # decoder paints their blurred average; frozen, every pattern keeps the code k-means gave it and
     # the decoder only has to learn what each code looks like.
     freeze_encoder: bool = False
+    # Train on each batch's distinct tiles (tiled tokenizers, whose tiles are coded alone): a
+    # Shapes batch is ~80% blank tiles, and the rare patterns (a small triangle at one offset)
+    # are what a tokenizer must get exact.  Deduplicating weights every pattern of the batch once
+    # and makes a step ~5x cheaper; metrics are still computed on whole images.
+    unique_tiles: bool = False
     kmeans_images: int = 2000
     kmeans_iters: int = 10
     seed: int = 0
@@ -158,6 +163,8 @@ class VQRecipe:
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
+        if self.train.unique_tiles and not self.model.tile_size:
+            raise ValueError("train.unique_tiles needs model.tile_size > 0 (tiles coded alone)")
         if self.model.cell_grid and 0 < self.train.crop_size < self.model.image_size:
             raise ValueError(f"train.crop_size={self.train.crop_size}: crops are not supported with "
                              f"model.cell_grid={self.model.cell_grid} (cells are laid out from whole images); "
@@ -364,16 +371,18 @@ class VQTrainer:
         p = self.progress(step, elapsed_s)
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
-    def loss(self, x: torch.Tensor, quantize: bool = True) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    def loss(self, x: torch.Tensor, quantize: bool = True,
+             tiles: bool = False) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
         """x (B, 3, H, W) in [0, 1] -> (loss, parts, z (B, D, h, w) detached, codes (B, h, w)).
 
         quantize=False (the autoencoder warm-up): the decoder reads z itself and the codebook
         terms are left out (codes are still looked up, for the usage statistics).
+        tiles=True: x is a batch of tiles (``VQTokenizer.image_tiles``), coded and decoded alone.
         """
-        z = self.tok.encode_latents(x)  # (B, D, h, w)
+        z = self.tok.encode_latents(x, tiles=tiles)  # (B, D, h, w)
         e, codes = self.tok.quantize(z)  # (B, D, h, w), (B, h, w)
         z_q = z + (e - z).detach() if quantize else z  # straight-through
-        recon = self.tok.decode_latents(z_q)  # (B, 3, H, W) in [-1, 1]
+        recon = self.tok.decode_latents(z_q, tiles=tiles)  # (B, 3, H, W) in [-1, 1]
         target = x * 2.0 - 1.0
         if self.cfg.recon_loss == "mse":
             rec = F.mse_loss(recon, target)
@@ -508,7 +517,10 @@ class VQTrainer:
                     self.usage_since_check.zero_()
                     self.restarted += self._restart_dead_codes(self.tok.encode_latents(x).detach(), gen)
                 self.in_warmup = warm
-                loss, parts, z, codes = self.loss(x, quantize=not warm)
+                if c.unique_tiles:
+                    t = self.tok.config.tile_size
+                    x = torch.unique(self.tok.image_tiles(x).flatten(1), dim=0).view(-1, x.shape[1], t, t)
+                loss, parts, z, codes = self.loss(x, quantize=not warm, tiles=c.unique_tiles)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if c.grad_clip > 0:
