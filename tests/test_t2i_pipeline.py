@@ -146,7 +146,8 @@ def test_pipeline_keeps_cell_grid_vq_options(bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     vq = VQTokenizer(VQConfig(image_size=15, cell_grid=4, tile_size=4, patch_size=4, block_out_channels=[16],
-                              norm_num_groups=4, latent_channels=8, num_vq_embeddings=16, vq_embed_dim=4)).eval()
+                              norm_num_groups=4, latent_channels=8, num_vq_embeddings=16, vq_embed_dim=4,
+                              output_levels=2)).eval()
     assert vq.grid_size() == bundle.vq.grid_size()
     p = MMDiffT2IPipeline(bundle.model, vq, bundle.tokenizer, MMDiffT2IPipeline.default_scheduler(bundle.processor))
     p.set_progress_bar_config(disable=True)
@@ -155,10 +156,11 @@ def test_pipeline_keeps_cell_grid_vq_options(bundle, tmp_path, monkeypatch):
     loaded = MMDiffT2IPipeline.from_pretrained(tmp_path / "pipe")
     loaded.set_progress_bar_config(disable=True)
     cfg = loaded.vq_tokenizer.config
-    assert (cfg.cell_grid, cfg.image_size, cfg.tile_size, cfg.patch_size) == (4, 15, 4, 4)
+    assert (cfg.cell_grid, cfg.image_size, cfg.tile_size, cfg.patch_size, cfg.output_levels) == (4, 15, 4, 4, 2)
     codes = torch.randint(0, 16, (2, 4, 4))
     assert loaded.vq_tokenizer.decode_codes(codes).shape == (2, 3, 15, 15)
     assert torch.equal(loaded.vq_tokenizer.decode_codes(codes), vq.decode_codes(codes))
     a = p("a red circle", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
     b = loaded("a red circle", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
     assert a.images.shape[-1] == 15 and torch.equal(a.images, b.images)
+    assert set(torch.unique(a.images).tolist()) <= {0.0, 1.0}  # output_levels=2: flat colours

@@ -520,6 +520,21 @@ def test_cell_grid_codes_each_layout_cell_alone(tmp_path):
         tok.from_canvas(torch.zeros(1, 3, 32, 32))
 
 
+def test_output_levels_round_decoded_channels():
+    """output_levels=2: decode_codes gives every channel as exactly 0 or 1, the raw output rounded;
+    decode_latents (the training path) stays raw."""
+    tok = VQTokenizer(tiny_config()).eval()
+    codes = torch.randint(0, 16, (3, 4, 4))
+    raw = tok.decode_codes(codes)
+    tok.config.output_levels = 2
+    flat = tok.decode_codes(codes)
+    assert set(torch.unique(flat).tolist()) <= {0.0, 1.0} and torch.equal(flat, torch.round(raw))
+    tok.config.output_levels = 3
+    assert set(torch.unique(tok.decode_codes(codes)).tolist()) <= {0.0, 0.5, 1.0}
+    with pytest.raises(ValueError, match="output_levels"):
+        tiny_config(output_levels=1).validate()
+
+
 def test_cell_grid_config_validation():
     with pytest.raises(ValueError, match="straddle cells"):
         tiny_config(image_size=32, cell_grid=3, patch_size=4, tile_size=0, block_out_channels=[8]).validate()

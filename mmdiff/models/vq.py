@@ -92,6 +92,10 @@ class VQConfig:
     # 32 px, whose cells are 11, 10 and 11 px wide (the Shapes world has 235 distinct cell
     # patterns there, so a 256-entry codebook can hold each).
     cell_grid: int = 0
+    # >= 2: ``decode_codes`` rounds every decoded channel to this many evenly spaced levels (2:
+    # each channel 0 or 1), for images known to be made of flat colours (the Shapes world's are
+    # exactly 0 or 255 per channel).  Training and ``decode_latents`` see the raw decoder output.
+    output_levels: int = 0
 
     @property
     def cell_side(self) -> int:
@@ -146,6 +150,8 @@ class VQConfig:
                 f"image_size={self.image_size} must be divisible by the downsample factor "
                 f"{self.downsample_factor} (= patch_size * 2 ** (len(block_out_channels) - 1))"
             )
+        if self.output_levels < 0 or self.output_levels == 1:
+            raise ValueError(f"output_levels must be 0 (off) or >= 2, got {self.output_levels}")
         if self.num_vq_embeddings < 2:
             raise ValueError(f"num_vq_embeddings must be >= 2, got {self.num_vq_embeddings}")
         if self.latent_channels <= 0 or self.code_dim <= 0 or self.layers_per_block <= 0:
@@ -427,7 +433,11 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"codes must lie in [0, {self.codebook_size}), got "
                              f"[{int(codes.min())}, {int(codes.max())}]")
         x = self.decode_latents(self.lookup(codes.long()))  # (N, 3, H, W) in [-1, 1]
-        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+        x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+        if self.config.output_levels:
+            steps = self.config.output_levels - 1
+            x = torch.round(x * steps) / steps
+        return x
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Reconstruction (N, 3, H, W) in [0, 1] through the quantiser (no gradients to codes)."""

@@ -16,6 +16,7 @@ Components (``model_index.json``)::
     vq_patch_size    int     the cell layout and the image side it is cut from)
     vq_cell_grid     int
     vq_image_size    int
+    vq_output_levels int     (decoded channels rounded to this many levels; 0 = off)
 
 diffusers saves and loads a component whose class subclasses one of its known bases
 (``ModelMixin``, ``SchedulerMixin``, transformers ``PreTrainedModel`` / tokenizers), importing
@@ -100,6 +101,7 @@ class MMDiffT2IPipeline(DiffusionPipeline):
         vq_patch_size: int | None = None,
         vq_cell_grid: int | None = None,
         vq_image_size: int | None = None,
+        vq_output_levels: int | None = None,
     ):
         super().__init__()
         if isinstance(vq, VQTokenizer):
@@ -108,24 +110,27 @@ class MMDiffT2IPipeline(DiffusionPipeline):
             patch = vq.config.patch_size if vq_patch_size is None else int(vq_patch_size)
             cells = vq.config.cell_grid if vq_cell_grid is None else int(vq_cell_grid)
             size = vq.config.image_size if vq_image_size is None else int(vq_image_size)
+            levels = vq.config.output_levels if vq_output_levels is None else int(vq_output_levels)
             vq = vq.model
         elif isinstance(vq, VQModel):
             l2 = bool(vq_l2_normalize) if vq_l2_normalize is not None else False
             tile, patch = int(vq_tile_size or 0), int(vq_patch_size or 1)
             cells, size = int(vq_cell_grid or 0), int(vq_image_size or 0)
+            levels = int(vq_output_levels or 0)
         else:
             raise ValueError(f"vq must be a VQTokenizer or a diffusers VQModel, got {type(vq).__name__}")
         if not isinstance(scheduler, MaskedDiffusionScheduler):
             raise ValueError(f"scheduler must be a MaskedDiffusionScheduler, got {type(scheduler).__name__}")
         self.register_modules(model=model, vq=vq, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(vq_l2_normalize=l2, vq_tile_size=tile, vq_patch_size=patch, vq_cell_grid=cells,
-                                vq_image_size=size if cells else 0)
+                                vq_image_size=size if cells else 0, vq_output_levels=levels)
         self.processor = processor_from_model(model, tokenizer)
         proc = self.processor
         grid = proc.cfg.code_grid[0] if proc.cfg.code_grid else None
         self.vq_tokenizer = VQTokenizer(  # shares vq's weights
             config_from_diffusers(vq.config, l2, tile, patch, grid, cell_grid=cells, image_size=size if cells else 0),
             model=vq)
+        self.vq_tokenizer.config.output_levels = levels
         if proc.cfg.codebook_size == 0:
             raise ValueError("model: this model has no VQ codebook (processor codebook_size=0); "
                              "it cannot generate images")
