@@ -82,7 +82,7 @@ def test_yaml_configs_are_the_builtin_settings():
         assert path.is_file(), path
         assert load_eval_config(task, path) == load_eval_config(task), task
     vqa = load_eval_config("vqa")
-    assert (vqa.gen_length, vqa.steps, vqa.block_length, vqa.sampler.temperature) == (4, 4, None, 0.0)
+    assert (vqa.gen_length, vqa.steps, vqa.block_length, vqa.sampler.temperature) == (4, 1, None, 0.0)
     t2i = default_eval_config("t2i")
     assert t2i["steps"] == 16 and t2i["sampler"]["guidance"]["image_scale"] == 0.5
     assert t2i["sampler"]["transfer"] == "threshold_schedule"
@@ -119,8 +119,8 @@ def test_task_end_to_end(task, bundle, tiny_world, tmp_path):
     m = r["metrics"]
     if task == "vqa":
         s = r["settings"]
-        assert (s["gen_length"], s["steps"], s["block_length"], s["seed"]) == (4, 4, None, 0)
-        assert s["sampler"]["temperature"] == 0.0 and r["nfe_mean"] == 4
+        assert (s["gen_length"], s["steps"], s["block_length"], s["seed"]) == (4, 1, None, 0)
+        assert s["sampler"]["temperature"] == 0.0 and r["nfe_mean"] == 1  # one pass
         assert m["count"] == len(rows) and _in_unit(m["exact_match"]) and _in_unit(m["soft_accuracy"])
         assert set(m["per_type"]) <= {"color", "shape", "count", "exists", "where", "size"}
     elif task == "caption":
@@ -167,7 +167,7 @@ def test_interrupted_run_resumes_and_matches(bundle, tiny_world, tmp_path, count
     full = run_eval(bundle, "vqa", tiny_world["test"], tmp_path / "full", **kw)
     n_items = full["num_samples"]
     calls_full = len(count_calls)
-    assert n_items > 16 and calls_full == math.ceil(n_items / 8) * 4  # 4 forward calls per batch
+    assert n_items > 16 and calls_full == math.ceil(n_items / 8)  # one forward call per batch (one pass)
 
     def stop(k):
         if k == 2:
@@ -180,7 +180,7 @@ def test_interrupted_run_resumes_and_matches(bundle, tiny_world, tmp_path, count
     count_calls.clear()
     again = run_eval(bundle, "vqa", tiny_world["test"], tmp_path / "cut", **kw)
     assert again["num_resumed"] == 16 and again["num_evaluated"] == n_items - 16
-    assert len(count_calls) == math.ceil((n_items - 16) / 8) * 4  # only the unfinished batches ran
+    assert len(count_calls) == math.ceil((n_items - 16) / 8)  # only the unfinished batches ran
     assert again["metrics"] == full["metrics"] and again["num_samples"] == n_items
     preds = lambda d: {r["key"]: r["prediction"] for r in read_predictions(tmp_path / d / PREDICTIONS)}  # noqa: E731
     assert preds("cut") == preds("full")
@@ -208,7 +208,7 @@ def test_limit_then_full_and_torn_line(bundle, tiny_world, tmp_path, count_calls
 def test_settings_change_is_refused(bundle, tiny_world, tmp_path):
     out = tmp_path / "v"
     run_eval(bundle, "vqa", tiny_world["test"], out, limit=2, progress=False)
-    with pytest.raises(ValueError, match=r"different settings.*steps: 4 -> 2.*--overwrite"):
+    with pytest.raises(ValueError, match=r"different settings.*steps: 1 -> 2.*--overwrite"):
         run_eval(bundle, "vqa", tiny_world["test"], out, limit=2, overrides=["steps=2"], progress=False)
     r = run_eval(bundle, "vqa", tiny_world["test"], out, limit=2, overrides=["steps=2"], overwrite=True,
                  progress=False)

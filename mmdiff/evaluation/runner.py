@@ -138,8 +138,8 @@ class EvalConfig:
 
 #: The numbers each task pins (the rest of the sampler comes from mmdiff.generation.DEFAULT_SETTINGS).
 _PINNED: dict[str, dict] = {
-    "vqa": {"batch_size": 16, "gen_length": 4, "block_length": None, "steps": 4},
-    "digits": {"batch_size": 16, "gen_length": 4, "block_length": None, "steps": 4},
+    "vqa": {"batch_size": 16, "gen_length": 4, "block_length": None, "steps": 1},  # one pass (generation.py)
+    "digits": {"batch_size": 16, "gen_length": 4, "block_length": None, "steps": 1},
     "caption": {"batch_size": 8, "gen_length": 40, "block_length": 8, "steps": 40},
     "describe": {"batch_size": 8, "gen_length": 40, "block_length": 8, "steps": 40},
     "t2i": {"batch_size": 8, "gen_length": None, "block_length": None, "steps": 16},
