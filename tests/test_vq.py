@@ -246,6 +246,10 @@ def test_yaml_recipe_is_valid():
     assert recipe.model.image_size % recipe.model.downsample_factor == 0
     with pytest.raises(ConfigError):
         load_config(VQRecipe, ROOT / "tokenizers" / "configs" / "vq-shapes.yaml", ["train.stepz=3"])
+    cells = load_config(VQRecipe, ROOT / "tokenizers" / "configs" / "vq-shapes-cells.yaml")
+    cells.validate()
+    assert cells.model.grid_size() == (3, 3) and cells.model.cell_side == cells.model.tile_size == 11
+    assert cells.train.freeze_encoder and cells.train.unique_tiles and cells.train.codebook_init == "kmeans"
 
 
 def test_train_vq_script(tmp_path, capsys):
