@@ -7,7 +7,7 @@ own checkpoints (resumable).  Stage results flow into later stages through the m
 
     01-data             the Shapes world (train / val / test / heldout) and the digits
     02-text-tokenizer   byte-level BPE on the training text
-    03-vq-tokenizer     tokenizers/configs/vq-shapes.yaml, stopped by a wall-clock budget
+    03-vq-tokenizer     tokenizers/configs/vq-shapes-cells.yaml (one code per cell), wall-clock budget
     04-vision-tower     train/configs/vision-siglip-shapes.yaml (SigLIP, sigmoid loss), budgeted
     05-unified-stage1   train/configs/quickstart-stage1.yaml: projector only, tower frozen
     06-unified-vqa      train/configs/quickstart-vqa.yaml: everything trains, on VQA rows only
@@ -88,7 +88,9 @@ REPO = Path(__file__).resolve().parent.parent
 STAGE1_RECIPE = REPO / "train" / "configs" / "quickstart-stage1.yaml"
 VQA_RECIPE = REPO / "train" / "configs" / "quickstart-vqa.yaml"
 STAGE2_RECIPE = REPO / "train" / "configs" / "quickstart-stage2.yaml"
-VQ_CONFIG = REPO / "tokenizers" / "configs" / "vq-shapes.yaml"
+# one code per grid cell: exact on test in its 3 minutes, a t2i row of 9 codes instead of 256 (the
+# 2x2-patch tokenizer, vq-shapes.yaml, also codes held-out pairs; BENCHMARKS.md, session 11)
+VQ_CONFIG = REPO / "tokenizers" / "configs" / "vq-shapes-cells.yaml"
 VISION_CONFIG = REPO / "train" / "configs" / "vision-siglip-shapes.yaml"
 
 
