@@ -239,3 +239,32 @@ def test_exported_model_holds_the_ema_weights(tiny_world, tmp_path):
     name = next(k for k in ema if k.endswith("layers.0.mlp.up_proj.weight"))
     assert torch.equal(exported[name], ema[name])
     assert not torch.equal(exported[name], raw[name])  # the EMA lags the trained weights
+
+
+def test_code_embedding_init_from_the_vq_tokenizer(tiny_world, tmp_path):
+    """model.code_embedding_init: vq sets a fresh model's code rows from the tokenizer's code features
+    (init_code_embeddings of VQTokenizer.code_features); random leaves them; vq without model.vq is refused."""
+    from mmdiff.models.unified import init_code_embeddings
+    from mmdiff.models.vq import VQConfig, VQTokenizer
+    from mmdiff.training.recipe import build_components
+
+    torch.manual_seed(0)
+    vq = VQTokenizer(VQConfig(image_size=32, cell_grid=3, tile_size=11, patch_size=11, block_out_channels=[8],
+                              norm_num_groups=4, latent_channels=8, num_vq_embeddings=16, vq_embed_dim=4))
+    vq.save_pretrained(tmp_path / "vq")
+    with pytest.raises(ConfigError, match="code_embedding_init"):
+        load_recipe(DEBUG, _overrides(tiny_world, tmp_path / "a", "model.code_embedding_init=vq"))
+    base = _overrides(tiny_world, tmp_path / "r", f"model.vq={tmp_path / 'vq'}", "data.task_weights={t2i: 1.0}")
+    torch.manual_seed(1)
+    plain = build_components(load_recipe(DEBUG, base))
+    torch.manual_seed(1)
+    informed = build_components(load_recipe(DEBUG, [*base, "model.code_embedding_init=vq"]))
+    v, k = plain.processor.text_vocab_size, plain.vq.codebook_size
+    random_rows = plain.model.backbone.get_input_embeddings().weight[v:v + k].clone()
+    assert not torch.allclose(random_rows, informed.model.backbone.get_input_embeddings().weight[v:v + k])
+    init_code_embeddings(plain.model, plain.vq.code_features(), text_vocab_size=v)  # what the option does
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        a = getattr(plain.model.backbone, get)().weight
+        b = getattr(informed.model.backbone, get)().weight
+        assert torch.allclose(a, b) and torch.equal(a[:v], b[:v])
+    assert k == 16 and plain.processor.cfg.code_grid == (3, 3)

@@ -136,3 +136,33 @@ def test_code_index_and_code_position_embeddings(tmp_path):
     assert torch.equal(again(ids, image_code_index=idx).logits, m(ids, image_code_index=idx).logits)
     with pytest.raises(ValueError, match="code position embeddings"):
         m.embed(ids, image_code_index=idx + 5)
+
+
+def test_init_code_embeddings_from_code_features():
+    """code rows [V_text, V_text + K) of the input embeddings and the output head start from the
+    principal components of per-code features: alike codes start close; text rows are untouched;
+    each table keeps its scale over those rows."""
+    from mmdiff.models.unified import init_code_embeddings
+
+    m = _model()
+    emb = m.backbone.get_input_embeddings().weight
+    head = m.backbone.get_output_embeddings().weight
+    text_before, head_text_before = emb[:50].clone(), head[:50].clone()
+    std_before = float(emb[50:60].std()), float(head[50:60].std())
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(5, 30, generator=g)
+    feats = torch.cat([base, base + 0.01 * torch.randn(5, 30, generator=g)])  # codes i and i + 5 look alike
+    init_code_embeddings(m, feats, text_vocab_size=50)
+    assert torch.equal(emb[:50], text_before) and torch.equal(head[:50], head_text_before)
+    for w, s in zip((emb, head), std_before):
+        rows = w[50:60]
+        assert abs(float(rows.std()) - s) < 1e-4 * max(1.0, s)
+        d = torch.cdist(rows, rows)
+        for i in range(5):  # each code's nearest other code is its look-alike
+            others = d[i].clone()
+            others[i] = float("inf")
+            assert int(others.argmin()) == i + 5
+    with pytest.raises(ValueError, match="do not fit"):
+        init_code_embeddings(m, torch.rand(11, 30), text_vocab_size=50)
+    with pytest.raises(ValueError, match="same features"):
+        init_code_embeddings(m, torch.ones(10, 30), text_vocab_size=50)

@@ -605,3 +605,17 @@ def test_unique_tiles_trains_on_each_batch_distinct_tiles():
     recipe = VQRecipe(model=tiny_config(image_size=32), train=VQTrainConfig(unique_tiles=True))
     with pytest.raises(ValueError, match="unique_tiles"):
         recipe.validate()
+
+
+def test_code_features_are_the_decoded_tiles_of_a_cell_tokenizer():
+    """code_features: with one code per tile, each code's features are the pixels it decodes to
+    (what decode_codes paints in a cell); otherwise the lookup codebook."""
+    tok = VQTokenizer(tiny_config(image_size=32, cell_grid=3, patch_size=11, tile_size=11, block_out_channels=[8],
+                                  num_vq_embeddings=12)).eval()
+    f = tok.code_features()
+    assert f.shape == (12, 3 * 11 * 11)
+    codes = torch.arange(9).view(1, 3, 3)
+    img = tok.decode_codes(codes)  # (1, 3, 32, 32); cell (0, 1) is columns 11..20 (10 px wide)
+    assert torch.allclose(f[1].view(3, 11, 11)[:, :11, :10], img[0, :, 0:11, 11:21], atol=1e-6)
+    plain = VQTokenizer(tiny_config()).eval()
+    assert torch.equal(plain.code_features(), plain.normalized_codebook())

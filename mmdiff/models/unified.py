@@ -202,6 +202,31 @@ class MMDiffForDiffusion(PreTrainedModel):
         )
 
 
+@torch.no_grad()
+def init_code_embeddings(model: "MMDiffForDiffusion", features: torch.Tensor, text_vocab_size: int) -> None:
+    """Set the VQ-code rows ``[V_text, V_text + K)`` of the input embeddings and the output head from
+    per-code ``features`` (K, F) (``VQTokenizer.code_features``): their principal components, centred,
+    scaled to each table's current standard deviation over those rows (so the init keeps the
+    model's scale).  Codes that look alike start close, in both the input and the prediction layer."""
+    emb = model.backbone.get_input_embeddings().weight
+    head = model.backbone.get_output_embeddings().weight
+    k, d = features.shape[0], emb.shape[1]
+    if text_vocab_size + k > emb.shape[0]:
+        raise ValueError(f"init_code_embeddings: {k} codes after {text_vocab_size} text tokens do not fit the "
+                         f"model's vocabulary of {emb.shape[0]}")
+    f = features.double()
+    f = f - f.mean(0)
+    u, sv, _ = torch.linalg.svd(f, full_matrices=False)
+    r = min(d, u.shape[1])
+    z = torch.zeros(k, d, dtype=torch.double)
+    z[:, :r] = u[:, :r] * sv[:r]
+    if float(z.std()) == 0.0:
+        raise ValueError("init_code_embeddings: every code has the same features")
+    for w in (emb, head):
+        rows = w[text_vocab_size:text_vocab_size + k]
+        rows.copy_((z * (rows.double().std() / z.std())).to(rows.dtype))
+
+
 def code_index(image_code_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) bool code positions -> (B, L) long: 0, 1, ... along each row's codes, -1 elsewhere."""
     m = image_code_mask.bool()

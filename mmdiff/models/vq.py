@@ -412,6 +412,18 @@ class VQTokenizer(nn.Module):
         x = m.decoder(h, z_q if m.config.norm_type == "spatial" else None)
         return self.from_canvas(F.pixel_shuffle(x, p) if p > 1 else x)
 
+    @torch.no_grad()
+    def code_features(self) -> torch.Tensor:
+        """(K, F) what each code stands for: with one code per tile (``tile_size`` = the downsample
+        factor, e.g. a cell tokenizer) the pixels of the tile it decodes to, in [0, 1]; otherwise the
+        lookup codebook itself (a code's pixels depend on its neighbours there)."""
+        k = self.codebook_size
+        if self.config.tile_size and self.config.tile_size == self.downsample_factor:
+            tiles = self.decode_latents(self.lookup(torch.arange(k, device=self.codebook.device).view(k, 1, 1)),
+                                        tiles=True)  # (K, 3, t, t) in [-1, 1]
+            return ((tiles + 1.0) / 2.0).clamp(0.0, 1.0).flatten(1).float()
+        return self.normalized_codebook().detach().float()
+
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def encode_to_codes(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -58,10 +58,20 @@ class ModelRecipe:
     gradient_checkpointing: bool = False
     # a learned embedding per slot of the generated image's code grid (MMDiffForDiffusion.embed)
     code_position_embedding: bool = False
+    # how a fresh model's VQ-code rows (input embeddings and output head) start: "random", or "vq":
+    # the principal components of what each code looks like (VQTokenizer.code_features), so codes
+    # that draw the same colour or shape start close and share what is learned about them.  With one
+    # code per Shapes cell (a colour-shape pair at 4-9 offsets each), 1,000 t2i steps put every
+    # attribute of a named object right for 0.32 of objects instead of 0.005 (BENCHMARKS.md, session 11).
+    code_embedding_init: Literal["random", "vq"] = "random"
 
     def validate(self) -> None:
         if not self.tokenizer:
             raise ValueError("tokenizer: a text tokenizer directory is required")
+        if self.code_embedding_init not in ("random", "vq"):
+            raise ValueError(f"code_embedding_init must be 'random' or 'vq', got {self.code_embedding_init!r}")
+        if self.code_embedding_init == "vq" and not self.vq:
+            raise ValueError("code_embedding_init: 'vq' needs model.vq (the tokenizer whose codes it reads)")
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {self.max_length}")
 
@@ -338,6 +348,10 @@ def build_components(recipe: Recipe) -> Components:
     proc_cfg = ProcessorConfig(num_image_tokens=0, code_grid=code_grid, codebook_size=codebook,
                                max_length=m.max_length, answer_lengths=dict(m.answer_lengths))
     model, proc_cfg = _build_model(recipe, len(tokenizer), codebook, proc_cfg, m.special_tokens, ids)
+    if m.code_embedding_init == "vq":  # a fresh model's code rows; train.init_from weights replace them later
+        from mmdiff.models.unified import init_code_embeddings
+
+        init_code_embeddings(model, vq.code_features(), text_vocab_size=len(tokenizer))
     processor = MMProcessor(tokenizer, m.special_tokens, proc_cfg)
     transform = model.vision.image_transform() if model.vision is not None else None
     encoder = ExampleEncoder(processor, transform, vq, m.image_size, image_cache_mb=recipe.data.image_cache_mb)
