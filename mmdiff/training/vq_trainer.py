@@ -155,7 +155,7 @@ class VQTrainConfig:
 
 @dataclass
 class VQRecipe:
-    """A VQ tokenizer recipe: the YAML file ``tokenizers/configs/vq-shapes.yaml``."""
+    """A VQ tokenizer recipe: a YAML file such as ``tokenizers/configs/vq-shapes-cells.yaml``."""
 
     model: VQConfig = field(default_factory=VQConfig)
     train: VQTrainConfig = field(default_factory=VQTrainConfig)
