@@ -180,7 +180,8 @@ class VQConfig:
 
 
 def config_from_diffusers(model_config, l2_normalize: bool = False, tile_size: int = 0, patch_size: int = 1,
-                         grid: int | None = None, cell_grid: int = 0, image_size: int = 0) -> VQConfig:
+                         grid: int | None = None, cell_grid: int = 0, image_size: int = 0,
+                         output_levels: int = 0) -> VQConfig:
     """The ``VQConfig`` describing an existing diffusers ``VQModel`` plus the adapter-only options
     (for a local dir without ``mmdiff_vq.json``, or a pipeline's bare ``VQModel`` component).
 
@@ -213,7 +214,7 @@ def config_from_diffusers(model_config, l2_normalize: bool = False, tile_size: i
         config.image_size = int(image_size)
     elif cell_grid:
         raise ValueError("config_from_diffusers: cell_grid needs the image_size (the cell canvas is larger)")
-    config.cell_grid = int(cell_grid)
+    config.cell_grid, config.output_levels = int(cell_grid), int(output_levels)
     return config
 
 
@@ -354,25 +355,32 @@ class VQTokenizer(nn.Module):
             raise ValueError("image_tiles needs a tiled tokenizer (tile_size > 0)")
         return self._tiles(self.to_canvas(pixel_values))[0]
 
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The VQModel's encoder on model-range pixels (N, 3, H, W), space-to-depth first."""
+        p = self.config.patch_size
+        return self.model.encode(F.pixel_unshuffle(x, p) if p > 1 else x).latents
+
+    def _decode(self, z_q: torch.Tensor) -> torch.Tensor:
+        """The VQModel's decoder on quantised latents (no tiling, no cell layout), depth-to-space last."""
+        m, p = self.model, self.config.patch_size
+        x = m.decoder(m.post_quant_conv(z_q), z_q if m.config.norm_type == "spatial" else None)
+        return F.pixel_shuffle(x, p) if p > 1 else x
+
     def encode_latents(self, pixel_values: torch.Tensor, tiles: bool = False) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> pre-quantisation latents z (N, D, h, w).
 
         ``tiles=True``: the input is already tiles (M, 3, t, t) from ``image_tiles``; z is (M, D, g, g).
         """
-        p = self.config.patch_size
         if tiles:
-            z = self.model.encode(F.pixel_unshuffle(pixel_values * 2.0 - 1.0, p) if p > 1 else pixel_values * 2.0 - 1.0).latents
-            return F.normalize(z, dim=1) if self.config.l2_normalize else z
-        x = self.to_canvas(pixel_values) * 2.0 - 1.0  # [0, 1] -> [-1, 1]
-        if self.config.tile_size:
-            tiles, rows, cols = self._tiles(x)
-            z = self._untile(self.model.encode(F.pixel_unshuffle(tiles, p) if p > 1 else tiles).latents,
-                             x.shape[0], rows, cols)
+            z = self._encode(pixel_values * 2.0 - 1.0)
         else:
-            z = self.model.encode(F.pixel_unshuffle(x, p) if p > 1 else x).latents  # (N, D, h, w)
-        if self.config.l2_normalize:
-            z = F.normalize(z, dim=1)
-        return z
+            x = self.to_canvas(pixel_values) * 2.0 - 1.0  # [0, 1] -> [-1, 1]
+            if self.config.tile_size:
+                t, rows, cols = self._tiles(x)
+                z = self._untile(self._encode(t), x.shape[0], rows, cols)
+            else:
+                z = self._encode(x)  # (N, D, h, w)
+        return F.normalize(z, dim=1) if self.config.l2_normalize else z
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest code for every latent vector: z (N, D, h, w) -> (z_q (N, D, h, w), codes (N, h, w)).
@@ -399,18 +407,13 @@ class VQTokenizer(nn.Module):
         off, written out so that it does not depend on that config flag.  ``tiles=True``: z_q holds
         tiles' latents (M, D, g, g) and the result is those tiles (M, 3, t, t).
         """
-        m, p = self.model, self.config.patch_size
         if tiles:
-            x = m.decoder(m.post_quant_conv(z_q), z_q if m.config.norm_type == "spatial" else None)
-            return F.pixel_shuffle(x, p) if p > 1 else x
+            return self._decode(z_q)
         if self.config.tile_size:
             g = self.config.tile_size // self.downsample_factor  # codes per tile side
-            tiles, rows, cols = self._tiles(z_q, g)
-            x = m.decoder(m.post_quant_conv(tiles), tiles if m.config.norm_type == "spatial" else None)
-            return self.from_canvas(self._untile(F.pixel_shuffle(x, p) if p > 1 else x, z_q.shape[0], rows, cols))
-        h = m.post_quant_conv(z_q)  # (N, latent_channels, h, w)
-        x = m.decoder(h, z_q if m.config.norm_type == "spatial" else None)
-        return self.from_canvas(F.pixel_shuffle(x, p) if p > 1 else x)
+            t, rows, cols = self._tiles(z_q, g)
+            return self.from_canvas(self._untile(self._decode(t), z_q.shape[0], rows, cols))
+        return self.from_canvas(self._decode(z_q))
 
     @torch.no_grad()
     def code_features(self) -> torch.Tensor:

@@ -128,9 +128,9 @@ class MMDiffT2IPipeline(DiffusionPipeline):
         proc = self.processor
         grid = proc.cfg.code_grid[0] if proc.cfg.code_grid else None
         self.vq_tokenizer = VQTokenizer(  # shares vq's weights
-            config_from_diffusers(vq.config, l2, tile, patch, grid, cell_grid=cells, image_size=size if cells else 0),
+            config_from_diffusers(vq.config, l2, tile, patch, grid, cell_grid=cells, image_size=size if cells else 0,
+                                  output_levels=levels),
             model=vq)
-        self.vq_tokenizer.config.output_levels = levels
         if proc.cfg.codebook_size == 0:
             raise ValueError("model: this model has no VQ codebook (processor codebook_size=0); "
                              "it cannot generate images")
