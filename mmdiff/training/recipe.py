@@ -61,8 +61,10 @@ class ModelRecipe:
     # how a fresh model's VQ-code rows (input embeddings and output head) start: "random", or "vq":
     # the principal components of what each code looks like (VQTokenizer.code_features), so codes
     # that draw the same colour or shape start close and share what is learned about them.  With one
-    # code per Shapes cell (a colour-shape pair at 4-9 offsets each), 1,000 t2i steps put every
-    # attribute of a named object right for 0.32 of objects instead of 0.005 (BENCHMARKS.md, session 11).
+    # code per Shapes cell (a colour-shape pair at 4-9 offsets each), rows set this way when t2i
+    # training started let 1,000 t2i steps put every attribute of a named object right for 0.32 of
+    # objects instead of 0.005; set here, at build time, before stages that grow the output head's
+    # code rows, it gave 0.014 (BENCHMARKS.md, session 11).
     code_embedding_init: Literal["random", "vq"] = "random"
 
     def validate(self) -> None:
