@@ -268,3 +268,46 @@ def test_code_embedding_init_from_the_vq_tokenizer(tiny_world, tmp_path):
         b = getattr(informed.model.backbone, get)().weight
         assert torch.allclose(a, b) and torch.equal(a[:v], b[:v])
     assert k == 16 and plain.processor.cfg.code_grid == (3, 3)
+
+
+def test_code_embedding_init_after_init_from(tiny_world, tmp_path):
+    """With train.init_from, code_embedding_init: vq sets the code rows after the loaded weights
+    (at the loaded rows' scale, centred): run 2 starts from exactly init_code_embeddings of run 1's
+    model; text rows are run 1's."""
+    from mmdiff.models.bundle import load_bundle
+    from mmdiff.models.unified import init_code_embeddings
+    from mmdiff.models.vq import VQConfig, VQTokenizer
+    from mmdiff.training.recipe import run_recipe
+
+    torch.manual_seed(0)
+    VQTokenizer(VQConfig(image_size=32, cell_grid=3, tile_size=11, patch_size=11, block_out_channels=[8],
+                         norm_num_groups=4, latent_channels=8, num_vq_embeddings=16, vq_embed_dim=4)
+                ).save_pretrained(tmp_path / "vq")
+    common = [f"model.vq={tmp_path / 'vq'}", "data.task_weights={t2i: 1.0}", "train.max_steps=2",
+              "train.batch_size=4", "train.warmup_steps=0", "train.save_every=0", "train.tensorboard=false"]
+    r1 = run_recipe(load_recipe(DEBUG, _overrides(tiny_world, tmp_path / "r1", *common)))
+    first = load_bundle(r1["model_dir"])
+    v, k = first.processor.text_vocab_size, first.vq.codebook_size
+    expected = first.model
+    init_code_embeddings(expected, first.vq.code_features(), text_vocab_size=v)
+    seen = []
+    import mmdiff.training.recipe as recipe_mod
+
+    def recording(model, features, text_vocab_size):  # the model right after each code-row init
+        init_code_embeddings(model, features, text_vocab_size)
+        seen.append({"emb": model.backbone.get_input_embeddings().weight.detach().clone(),
+                     "head": model.backbone.get_output_embeddings().weight.detach().clone()})
+
+    recipe_mod.init_code_embeddings = recording
+    try:
+        run_recipe(load_recipe(DEBUG, _overrides(
+            tiny_world, tmp_path / "r2", *common, f"model.size={r1['model_dir']}", f"model.tokenizer={r1['model_dir']}",
+            f"train.init_from={r1['model_dir']}", "model.code_embedding_init=vq")))
+    finally:
+        recipe_mod.init_code_embeddings = init_code_embeddings
+    assert len(seen) == 2  # the fresh model at build time, then again once init_from's weights are in
+    seen = seen[-1]
+    for key, get in (("emb", "get_input_embeddings"), ("head", "get_output_embeddings")):
+        want = getattr(expected.backbone, get)().weight.detach()
+        assert torch.allclose(seen[key], want, atol=1e-6)
+        assert torch.allclose(seen[key][v:v + k].mean(0), torch.zeros(want.shape[1]), atol=1e-5)  # centred

@@ -32,6 +32,7 @@ import torch
 from mmdiff.config import load_config
 from mmdiff.diffusion.objectives import TASK_KEYED, ObjectiveConfig, build_objective
 from mmdiff.models.projector import ProjectorConfig
+from mmdiff.models.unified import init_code_embeddings
 from mmdiff.models.vision import VisionConfig
 from mmdiff.processor import IMAGE_GEN, TASKS, UNDERSTANDING, ProcessorConfig
 from mmdiff.text_tokenizer import SpecialTokens
@@ -63,8 +64,9 @@ class ModelRecipe:
     # that draw the same colour or shape start close and share what is learned about them.  With one
     # code per Shapes cell (a colour-shape pair at 4-9 offsets each), rows set this way when t2i
     # training started let 1,000 t2i steps put every attribute of a named object right for 0.32 of
-    # objects instead of 0.005; set here, at build time, before stages that grow the output head's
-    # code rows, it gave 0.014 (BENCHMARKS.md, session 11).
+    # objects instead of 0.005; set at build time, before stages that grow the output head's
+    # code rows, it gave 0.014 (BENCHMARKS.md, session 11).  A run with train.init_from sets the rows
+    # after loading those weights (at the loaded rows' scale); a resumed run leaves them.
     code_embedding_init: Literal["random", "vq"] = "random"
 
     def validate(self) -> None:
@@ -350,9 +352,7 @@ def build_components(recipe: Recipe) -> Components:
     proc_cfg = ProcessorConfig(num_image_tokens=0, code_grid=code_grid, codebook_size=codebook,
                                max_length=m.max_length, answer_lengths=dict(m.answer_lengths))
     model, proc_cfg = _build_model(recipe, len(tokenizer), codebook, proc_cfg, m.special_tokens, ids)
-    if m.code_embedding_init == "vq":  # a fresh model's code rows; train.init_from weights replace them later
-        from mmdiff.models.unified import init_code_embeddings
-
+    if m.code_embedding_init == "vq":  # a fresh model's code rows (with train.init_from: again after loading)
         init_code_embeddings(model, vq.code_features(), text_vocab_size=len(tokenizer))
     processor = MMProcessor(tokenizer, m.special_tokens, proc_cfg)
     transform = model.vision.image_transform() if model.vision is not None else None
@@ -428,8 +428,12 @@ def run_recipe(recipe: Recipe, accelerator: Any = None) -> dict:
     out_dir = Path(recipe.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(recipe, out_dir / "recipe.yaml")
+    after_init = None
+    if recipe.model.code_embedding_init == "vq":  # code rows from the VQ once init_from's weights are in
+        features, v = comps.vq.code_features(), comps.processor.text_vocab_size
+        after_init = lambda model: init_code_embeddings(model, features, text_vocab_size=v)  # noqa: E731
     trainer = Trainer(recipe.train, comps.model, UnifiedLoss(comps.objective),
-                      PipelineSource(recipe, comps.encoder, 1), accelerator=accelerator)
+                      PipelineSource(recipe, comps.encoder, 1), accelerator=accelerator, after_init=after_init)
     trainer.data_source.micro_batch = trainer.micro_batch_size
     result = trainer.train()
     model_dir = None

@@ -298,7 +298,9 @@ class Trainer:
     """Generic accelerate trainer with atomic checkpoints and exact resume.
 
     ``on_step_end(step, trainer)`` is called on every rank after each optimizer step (and after
-    that step's checkpoint, if any) — a hook for tests and custom logging.
+    that step's checkpoint, if any) — a hook for tests and custom logging.  ``after_init(model)``
+    runs on every rank once ``train.init_from``'s weights are loaded (not on a resume: the
+    checkpoint already holds its effect), before the optimizer is built.
     """
 
     def __init__(
@@ -309,6 +311,7 @@ class Trainer:
         data_source: Any,
         accelerator: Any = None,
         on_step_end: Callable[[int, "Trainer"], None] | None = None,
+        after_init: Callable[[nn.Module], None] | None = None,
     ) -> None:
         cfg.validate()
         check_data_source(data_source)
@@ -319,6 +322,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.data_source = data_source
         self.on_step_end = on_step_end
+        self.after_init = after_init
         self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg, model)
         acc = self.accelerator
         if acc.gradient_accumulation_steps != cfg.grad_accum_steps:
@@ -382,6 +386,8 @@ class Trainer:
             info = ckpt.load_model_weights(self.model, cfg.init_from, strict=cfg.init_strict)
             self._log(f"initialised weights from {info['path']} (missing {len(info['missing'])}, "
                       f"unexpected {len(info['unexpected'])})")
+            if self.after_init is not None:
+                self.after_init(self.model)
         trainable = apply_trainable(self.model, cfg.trainable)
         self.n_trainable = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad)
         self.n_params = sum(p.numel() for p in self.model.parameters())
