@@ -113,6 +113,19 @@ def test_pipeline_equals_engine_with_code_slot_embeddings(bundle):
     assert any(not torch.equal(a.codes, b.codes) for a, b in zip(plain, with_slots))  # the slots matter
 
 
+def _saved_and_loaded(bundle, vq, tmp_path):
+    """A pipeline over ``vq``, the same pipeline after save_pretrained / from_pretrained, and one
+    seeded 3-step image from each."""
+    p = MMDiffT2IPipeline(bundle.model, vq, bundle.tokenizer, MMDiffT2IPipeline.default_scheduler(bundle.processor))
+    p.set_progress_bar_config(disable=True)
+    p.save_pretrained(tmp_path / "pipe")
+    loaded = MMDiffT2IPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    a = p("a red circle", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
+    b = loaded("a red circle", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
+    return p, loaded, a, b
+
+
 def test_pipeline_keeps_tiled_patch_vq_options(bundle, tmp_path, monkeypatch):
     """A VQ adapter with tiles and space-to-depth patches (one code per 4-px tile, like the 48-px
     Shapes cells) survives save_pretrained / from_pretrained: the rebuilt adapter decodes the same."""
@@ -123,18 +136,12 @@ def test_pipeline_keeps_tiled_patch_vq_options(bundle, tmp_path, monkeypatch):
     vq = VQTokenizer(VQConfig(image_size=16, tile_size=4, patch_size=4, block_out_channels=[16], norm_num_groups=4,
                               latent_channels=8, num_vq_embeddings=16, vq_embed_dim=4)).eval()
     assert vq.grid_size() == bundle.vq.grid_size()  # the tiny model's 4 x 4 code grid
-    p = MMDiffT2IPipeline(bundle.model, vq, bundle.tokenizer, MMDiffT2IPipeline.default_scheduler(bundle.processor))
-    p.set_progress_bar_config(disable=True)
+    p, loaded, a, b = _saved_and_loaded(bundle, vq, tmp_path)
     assert (p.config.vq_tile_size, p.config.vq_patch_size) == (4, 4)
-    p.save_pretrained(tmp_path / "pipe")
-    loaded = MMDiffT2IPipeline.from_pretrained(tmp_path / "pipe")
-    loaded.set_progress_bar_config(disable=True)
     cfg = loaded.vq_tokenizer.config
     assert (cfg.tile_size, cfg.patch_size, cfg.image_size, cfg.in_channels) == (4, 4, 16, 3)
     codes = torch.randint(0, 16, (2, 4, 4))
     assert torch.equal(loaded.vq_tokenizer.decode_codes(codes), vq.decode_codes(codes))
-    a = p("a red circle", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
-    b = loaded("a red circle", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
     assert torch.equal(a.images, b.images)
 
 
@@ -149,18 +156,12 @@ def test_pipeline_keeps_cell_grid_vq_options(bundle, tmp_path, monkeypatch):
                               norm_num_groups=4, latent_channels=8, num_vq_embeddings=16, vq_embed_dim=4,
                               output_levels=2)).eval()
     assert vq.grid_size() == bundle.vq.grid_size()
-    p = MMDiffT2IPipeline(bundle.model, vq, bundle.tokenizer, MMDiffT2IPipeline.default_scheduler(bundle.processor))
-    p.set_progress_bar_config(disable=True)
+    p, loaded, a, b = _saved_and_loaded(bundle, vq, tmp_path)
     assert (p.config.vq_cell_grid, p.config.vq_image_size) == (4, 15)
-    p.save_pretrained(tmp_path / "pipe")
-    loaded = MMDiffT2IPipeline.from_pretrained(tmp_path / "pipe")
-    loaded.set_progress_bar_config(disable=True)
     cfg = loaded.vq_tokenizer.config
     assert (cfg.cell_grid, cfg.image_size, cfg.tile_size, cfg.patch_size, cfg.output_levels) == (4, 15, 4, 4, 2)
     codes = torch.randint(0, 16, (2, 4, 4))
     assert loaded.vq_tokenizer.decode_codes(codes).shape == (2, 3, 15, 15)
     assert torch.equal(loaded.vq_tokenizer.decode_codes(codes), vq.decode_codes(codes))
-    a = p("a red circle", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
-    b = loaded("a red circle", num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(2))
     assert a.images.shape[-1] == 15 and torch.equal(a.images, b.images)
     assert set(torch.unique(a.images).tolist()) <= {0.0, 1.0}  # output_levels=2: flat colours
