@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import os
@@ -245,6 +246,27 @@ def test_canonical_caption_choice_always_takes_the_first_caption():
     assert len({e.prompt for e in examples if e.task == "t2i"}) == 2  # t2i prompts stay random
     with pytest.raises(ValueError, match="caption_choice"):
         TaskMixture({"caption": 1.0}, caption_choice="first")
+
+
+def test_qa_type_weights_set_how_often_each_question_type_is_asked():
+    qa = [{"question": "what color is the circle?", "answer": "red", "type": "color"},
+          {"question": "what shape is the red object?", "answer": "circle", "type": "shape"},
+          {"question": "how many shapes are there?", "answer": "one", "type": "count"}]
+    samples = [dataclasses.replace(_sample(f"k{i}"), qa=qa) for i in range(3000)]
+
+    def asked(weights):
+        mix = TaskMixture({"vqa": 1.0}, seed=0, qa_type_weights=weights)
+        return Counter(mix.example(s).meta["qa_type"] for s in samples)
+
+    even = asked(None)
+    assert all(900 < even[t] < 1100 for t in ("color", "shape", "count"))  # uniform over a scene's questions
+    c = asked({"shape": 3.0, "count": 0.0})  # colour keeps the default 1
+    assert c["count"] == 0
+    assert 2.6 < c["shape"] / c["color"] < 3.4
+    only_zero = TaskMixture({"vqa": 1.0}, qa_type_weights={"color": 0.0})  # nothing else to ask: still asked
+    assert only_zero.example(dataclasses.replace(_sample("k"), qa=qa[:1])).target == "red"
+    with pytest.raises(ValueError, match="qa_type_weights.shape"):
+        TaskMixture({"vqa": 1.0}, qa_type_weights={"shape": -1.0})
 
 
 def test_task_examples_have_the_documented_fields():

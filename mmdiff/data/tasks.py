@@ -140,12 +140,21 @@ class TaskMixture:
     ``caption_choice``: the caption task's target is a random one of the sample's captions
     (``"random"``) or always the first, canonical one (``"canonical"``: one template to learn, so
     parallel decoding cannot mix templates).  Text-to-image prompts stay random either way.
+    ``qa_type_weights``: how likely each question *type* (a QA's ``type`` field) is to be the one
+    a VQA example asks, relative to 1.0 for types not named (e.g. ``{shape: 3}`` asks a scene's
+    shape question three times as often as any other of its questions; 0 never asks it unless the
+    scene has nothing else).  Empty: every question of a scene equally likely.
     """
 
-    def __init__(self, weights: Mapping[str, float], seed: int = 0, caption_choice: str = "random"):
+    def __init__(self, weights: Mapping[str, float], seed: int = 0, caption_choice: str = "random",
+                 qa_type_weights: Mapping[str, float] | None = None):
         if caption_choice not in ("random", "canonical"):
             raise ValueError(f"caption_choice must be 'random' or 'canonical', got {caption_choice!r}")
         self.caption_choice = caption_choice
+        self.qa_type_weights = dict(qa_type_weights or {})
+        for t, w in self.qa_type_weights.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 or w != w:
+                raise ValueError(f"qa_type_weights.{t} must be a non-negative number, got {w!r}")
         unknown = sorted(set(weights) - set(TASKS))
         if unknown:
             raise ValueError(f"unknown task(s) {unknown} in task weights; valid tasks: {list(TASKS)}")
@@ -175,7 +184,7 @@ class TaskMixture:
             caps = _captions(sample)
             target = caps[0] if self.caption_choice == "canonical" else rng.choice(caps)
         elif task == "vqa":
-            qa = rng.choice(_qa_pairs(sample))
+            qa = self._pick_question(_qa_pairs(sample), rng)
             prompt, target = qa["question"], qa["answer"]
             meta["qa_type"] = qa.get("type")
             if isinstance(qa.get("answers"), list):
@@ -194,3 +203,11 @@ class TaskMixture:
                            meta=meta)
 
     __call__ = example
+
+    def _pick_question(self, pairs: list[dict], rng: random.Random) -> dict:
+        if not self.qa_type_weights:
+            return rng.choice(pairs)
+        w = [float(self.qa_type_weights.get(qa.get("type"), 1.0)) for qa in pairs]
+        if not any(w):  # every question of this scene has weight 0: any of them rather than none
+            return rng.choice(pairs)
+        return rng.choices(pairs, weights=w, k=1)[0]

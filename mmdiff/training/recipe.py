@@ -92,6 +92,7 @@ class DataRecipe:
     # with group_by_task, "shared": every data-parallel rank draws the same task at the same step
     task_order: Literal["stream", "shared"] = "stream"
     caption_choice: Literal["random", "canonical"] = "random"  # caption target: any template / the canonical one
+    qa_type_weights: dict[str, float] = field(default_factory=dict)  # VQA question types' relative odds (default 1)
     # with group_by_task: a task's own *global* batch size (train.batch_size for the others), e.g.
     # {vqa: 48}: short rows in bigger batches.  task_weights stay sample proportions.
     task_batch_sizes: dict[str, int] = field(default_factory=dict)
@@ -111,6 +112,9 @@ class DataRecipe:
                 raise ValueError(f"task_weights.{task} must be >= 0, got {w}")
         if not any(w > 0 for w in self.task_weights.values()):
             raise ValueError("task_weights: at least one task needs a positive weight")
+        for qtype, w in self.qa_type_weights.items():
+            if w < 0:
+                raise ValueError(f"qa_type_weights.{qtype} must be >= 0, got {w}")
         for task, n in self.task_batch_sizes.items():
             if task not in TASKS:
                 raise ValueError(f"task_batch_sizes: unknown task {task!r} (tasks: {', '.join(TASKS)})")
@@ -387,6 +391,7 @@ class PipelineSource:
                              max_bad_fraction=d.max_bad_fraction, task_weights=dict(d.task_weights),
                              max_length=self.recipe.model.max_length, group_by_task=d.group_by_task,
                              task_order=d.task_order, caption_choice=d.caption_choice,
+                             qa_type_weights=dict(d.qa_type_weights),
                              task_batch_sizes=task_sizes)
         self._loader = build_dataloader(cfg, self.encoder, transform=_Identity(), pad_id=self.encoder.pad_id,
                                         rank=rank, world_size=world_size)
