@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STAGES = ["01-data", "02-text-tokenizer", "03-vq-tokenizer", "04-vision-tower", "05-unified-stage1",
-          "06-unified-vqa", "07-unified-stage2", "08-eval", "09-report"]
+          "06-unified-vqa", "07-unified-stage2", "08-unified-t2i", "09-eval", "10-report"]
 UNIT_METRICS = ["vqa_exact_match", "caption_attribute_accuracy", "describe_f1", "t2i_shapeseval",
                 "t2i_shapeseval_heldout", "vq_recon_shapeseval"]
 
@@ -41,7 +41,10 @@ def test_every_stage_ran_and_left_a_marker(first_run):
     stage2 = _read_marker(out, "07-unified-stage2")  # paths in markers are relative to `out`
     assert stage2["settings"]["processes"] == 2 and "${OUT}" in (out / "07-unified-stage2" / "stage.json").read_text()
     assert stage2["processes"] == 2 and Path(stage2["model_dir"], "config.json").is_file()
-    halves = [json.loads((out / "08-eval" / f"eval-part{i}" / "stage.json").read_text()) for i in (0, 1)]
+    t2i = _read_marker(out, "08-unified-t2i")  # the text-to-image stage starts from stage 2's model
+    assert f"train.init_from={stage2['model_dir']}" in t2i["overrides"]
+    assert result["model_dir"] == t2i["model_dir"] and Path(t2i["model_dir"], "config.json").is_file()
+    halves = [json.loads((out / "09-eval" / f"eval-part{i}" / "stage.json").read_text()) for i in (0, 1)]
     assert sorted(sum((h["evaluated"] for h in halves), [])) == sorted(
         ["test-vqa", "test-caption", "test-describe", "test-t2i", "heldout-t2i"])
 
@@ -78,16 +81,16 @@ def test_rerun_reuses_stages_and_an_interrupted_stage_is_redone(first_run):
     from mmdiff.quickstart import run_quickstart
 
     out, result, first_seconds = first_run
-    eval_marker = out / "08-eval" / "stage.json"
+    eval_marker = out / "09-eval" / "stage.json"
     before = eval_marker.stat().st_mtime_ns
     again = run_quickstart(out, reduced=True)
     assert again["wall_seconds"] < first_seconds / 3
     assert {k: again[k] for k in UNIT_METRICS} == {k: result[k] for k in UNIT_METRICS}
     assert eval_marker.stat().st_mtime_ns == before
     # "interrupt" the last stage: only it runs again
-    (out / "09-report" / "stage.json").unlink()
+    (out / "10-report" / "stage.json").unlink()
     third = run_quickstart(out, reduced=True)
-    assert (out / "09-report" / "stage.json").is_file() and Path(third["report"]).is_file()
+    assert (out / "10-report" / "stage.json").is_file() and Path(third["report"]).is_file()
     assert eval_marker.stat().st_mtime_ns == before
 
 
