@@ -64,7 +64,7 @@ class QuickstartSizes:
     stage1_steps: int = 40
     vqa_steps: int = 600  # VQA-only steps before stage 2 (~1.5 min; BENCHMARKS.md, session 10)
     stage2_steps: int = 3500  # ~5 steps/s in two processes (4,000: no measurable gain, +2 min; BENCHMARKS.md)
-    t2i_steps: int = 1500  # text-to-image-first steps after stage 2 (~3 min; BENCHMARKS.md, session 12)
+    t2i_steps: int = 1000  # text-to-image-first steps after stage 2 (~3 min; 1,500 took the run to 19.5 min; BENCHMARKS.md)
     batch_size: int = 16
     eval_limit: int = 64  # test scenes for vqa (~10 questions each, fast), caption, describe (~0.7 s each)
     t2i_limit: int = 24  # test / heldout prompts for text-to-image (~3.3 s each)
