@@ -353,6 +353,13 @@ def _unified_overrides(data: dict, vq: dict, vision: dict, sizes: QuickstartSize
     return o
 
 
+def _continue_from(model_dir: str, steps: int, common: list[str]) -> list[str]:
+    """Overrides of a unified stage that starts from an earlier stage's model (its shape, tokenizer
+    and weights)."""
+    return [f"model.size={model_dir}", f"model.tokenizer={model_dir}", f"train.init_from={model_dir}",
+            f"train.max_steps={steps}", *common]
+
+
 # ------------------------------------------------------------------------------------ evaluation
 EVALS = [  # (split, task): the evaluations the summary reads
     ("test", "vqa"), ("test", "caption"), ("test", "describe"), ("test", "t2i"), ("heldout", "t2i"),
@@ -578,21 +585,15 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
         s1.append("model.size=debug")
     stages["05-unified-stage1"] = st1 = run_stage(out, "05-unified-stage1", _stage_unified(STAGE1_RECIPE, s1),
                                                   {"recipe": file_digest(STAGE1_RECIPE), "overrides": s1})
-    m1 = st1["model_dir"]
-    sv = [f"model.size={m1}", f"model.tokenizer={m1}", f"train.init_from={m1}",
-          f"train.max_steps={sizes.vqa_steps}", *common]
+    sv = _continue_from(st1["model_dir"], sizes.vqa_steps, common)
     stages["06-unified-vqa"] = stv = run_stage(
         out, "06-unified-vqa", _stage_unified(VQA_RECIPE, sv, sizes.processes),
         {"recipe": file_digest(VQA_RECIPE), "overrides": sv, "processes": sizes.processes})
-    mv = stv["model_dir"]
-    s2 = [f"model.size={mv}", f"model.tokenizer={mv}", f"train.init_from={mv}",
-          f"train.max_steps={sizes.stage2_steps}", *common]
+    s2 = _continue_from(stv["model_dir"], sizes.stage2_steps, common)
     stages["07-unified-stage2"] = st2 = run_stage(
         out, "07-unified-stage2", _stage_unified(STAGE2_RECIPE, s2, sizes.processes),
         {"recipe": file_digest(STAGE2_RECIPE), "overrides": s2, "processes": sizes.processes})
-    m2 = st2["model_dir"]
-    s3 = [f"model.size={m2}", f"model.tokenizer={m2}", f"train.init_from={m2}",
-          f"train.max_steps={sizes.t2i_steps}", *common]
+    s3 = _continue_from(st2["model_dir"], sizes.t2i_steps, common)
     stages["08-unified-t2i"] = st3 = run_stage(
         out, "08-unified-t2i", _stage_unified(T2I_RECIPE, s3, sizes.processes),
         {"recipe": file_digest(T2I_RECIPE), "overrides": s3, "processes": sizes.processes})
