@@ -12,16 +12,17 @@ own checkpoints (resumable).  Stage results flow into later stages through the m
     05-unified-stage1   train/configs/quickstart-stage1.yaml: projector only, tower frozen
     06-unified-vqa      train/configs/quickstart-vqa.yaml: everything trains, on VQA rows only
     07-unified-stage2   train/configs/quickstart-stage2.yaml: everything, all tasks, from 06's model
-    08-unified-t2i      train/configs/quickstart-t2i.yaml: text-to-image first, the other tasks kept
-    09-eval             run_eval on test (vqa, caption, describe, t2i) and heldout (t2i); VQ recon
-    10-report           write_report: summary, metrics, loss curves, t2i grid, VQA examples
+    08-unified-t2i      train/configs/quickstart-t2i.yaml: text-to-image rows only, from 07's model
+    09-unified-mix      train/configs/quickstart-mix.yaml: every task again, text-to-image kept
+    10-eval             run_eval on test (vqa, caption, describe, t2i) and heldout (t2i); VQ recon
+    11-report           write_report: summary, metrics, loss curves, t2i grid, VQA examples
 
 The unified stages run the same recipe files a user would, with this run's paths as
 ``key=value`` overrides (recorded in their markers).  All budgets live in ``QuickstartSizes``.
 
 The machine has two cores and every stage runs single-threaded, so independent work runs side by
-side: stages 03 and 04 in two processes (``run_parallel``), stages 06 and 07 data-parallel in two
-``torchrun`` processes, and stage 08 as two halves of the evaluations.
+side: stages 03 and 04 in two processes (``run_parallel``), stages 06 to 09 data-parallel in two
+``torchrun`` processes, and stage 10 as two halves of the evaluations.
 """
 
 from __future__ import annotations
@@ -63,8 +64,13 @@ class QuickstartSizes:
     vision_minutes: float = 2.9  # runs beside the VQ tokenizer (3 min): the same wall time
     stage1_steps: int = 40
     vqa_steps: int = 600  # VQA-only steps before stage 2 (~1.5 min; BENCHMARKS.md, session 10)
-    stage2_steps: int = 3500  # ~5 steps/s in two processes (4,000: no measurable gain, +2 min; BENCHMARKS.md)
-    t2i_steps: int = 1000  # text-to-image-first steps after stage 2 (~3 min; 1,500 took the run to 19.5 min; BENCHMARKS.md)
+    # ~5-6 steps/s in two processes.  3,500 until session 12 (4,000: no measurable gain); 2,000 since the
+    # text-to-image stages below need the time (BENCHMARKS.md, session 13)
+    stage2_steps: int = 2000
+    # text-to-image-only steps after stage 2: masked t2i learns the prompt -> cell binding only with the
+    # updates to itself (600 steps: ShapesEval 0.17, 1,200: 0.50, 1,800: 1.00; BENCHMARKS.md, session 13)
+    t2i_steps: int = 1200
+    mix_steps: int = 800  # every task again after them: understanding comes back, text-to-image is kept
     batch_size: int = 16
     eval_limit: int = 64  # test scenes for vqa (~10 questions each, fast), caption, describe (~0.7 s each)
     t2i_limit: int = 24  # test / heldout prompts for text-to-image (~3.3 s each)
@@ -74,7 +80,7 @@ class QuickstartSizes:
 
     @classmethod
     def reduced(cls) -> "QuickstartSizes":
-        return cls(train=400, val=50, test=100, heldout=50, stage1_steps=2, vqa_steps=2, stage2_steps=4, t2i_steps=2, batch_size=4,
+        return cls(train=400, val=50, test=100, heldout=50, stage1_steps=2, vqa_steps=2, stage2_steps=4, t2i_steps=2, mix_steps=2, batch_size=4,
                    eval_limit=4, t2i_limit=2, recon_images=50, processes=2, reduced_mode=True)
 
 
@@ -95,6 +101,7 @@ STAGE1_RECIPE = REPO / "train" / "configs" / "quickstart-stage1.yaml"
 VQA_RECIPE = REPO / "train" / "configs" / "quickstart-vqa.yaml"
 STAGE2_RECIPE = REPO / "train" / "configs" / "quickstart-stage2.yaml"
 T2I_RECIPE = REPO / "train" / "configs" / "quickstart-t2i.yaml"
+MIX_RECIPE = REPO / "train" / "configs" / "quickstart-mix.yaml"
 # one code per grid cell: exact on test in its 3 minutes, a t2i row of 9 codes instead of 256 (the
 # 2x2-patch tokenizer, vq-shapes.yaml, also codes held-out pairs; BENCHMARKS.md, session 11)
 VQ_CONFIG = REPO / "tokenizers" / "configs" / "vq-shapes-cells.yaml"
@@ -492,7 +499,8 @@ def _stage_report(out: Path, stages: dict, ev: dict, data: dict) -> Callable[[Pa
                   "unified stage 1": _curve(Path(stages["05-unified-stage1"]["history"])),
                   "unified VQA stage": _curve(Path(stages["06-unified-vqa"]["history"])),
                   "unified stage 2": _curve(Path(stages["07-unified-stage2"]["history"])),
-                  "unified t2i stage": _curve(Path(stages["08-unified-t2i"]["history"]))}
+                  "unified t2i stage": _curve(Path(stages["08-unified-t2i"]["history"])),
+                  "unified rehearsal stage": _curve(Path(stages["09-unified-mix"]["history"]))}
         t2i = []
         t2i_dir = Path(ev["dirs"]["test-t2i"])
         for r in read_predictions(t2i_dir / "predictions.jsonl")[:16]:
@@ -597,16 +605,20 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
     stages["08-unified-t2i"] = st3 = run_stage(
         out, "08-unified-t2i", _stage_unified(T2I_RECIPE, s3, sizes.processes),
         {"recipe": file_digest(T2I_RECIPE), "overrides": s3, "processes": sizes.processes})
-    stages["09-eval"] = ev = run_stage(out, "09-eval", _stage_eval(data, vq, st3["model_dir"], sizes),
+    s4 = _continue_from(st3["model_dir"], sizes.mix_steps, common)
+    stages["09-unified-mix"] = st4 = run_stage(
+        out, "09-unified-mix", _stage_unified(MIX_RECIPE, s4, sizes.processes),
+        {"recipe": file_digest(MIX_RECIPE), "overrides": s4, "processes": sizes.processes})
+    stages["10-eval"] = ev = run_stage(out, "10-eval", _stage_eval(data, vq, st4["model_dir"], sizes),
                                        _eval_settings(sizes))
-    stages["10-report"] = rep = run_stage(out, "10-report", _stage_report(out, dict(stages), ev, data))
+    stages["11-report"] = rep = run_stage(out, "11-report", _stage_report(out, dict(stages), ev, data))
     print(_summary_table(stages, ev["headline"]), file=sys.stderr, flush=True)
     missed = {k: (None if ev["headline"].get(k) is None else round(t - ev["headline"][k], 4))
               for k, t in TARGETS.items() if ev["headline"].get(k) is None or ev["headline"][k] < t}
     return {
         **ev["headline"],
         "wall_seconds": round(time.perf_counter() - start, 2),
-        "model_dir": st3["model_dir"],
+        "model_dir": st4["model_dir"],
         "out": str(out),
         "report": rep["report_md"],
         "data": data["counts"],

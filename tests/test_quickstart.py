@@ -14,7 +14,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STAGES = ["01-data", "02-text-tokenizer", "03-vq-tokenizer", "04-vision-tower", "05-unified-stage1",
-          "06-unified-vqa", "07-unified-stage2", "08-unified-t2i", "09-eval", "10-report"]
+          "06-unified-vqa", "07-unified-stage2", "08-unified-t2i", "09-unified-mix", "10-eval",
+          "11-report"]
 UNIT_METRICS = ["vqa_exact_match", "caption_attribute_accuracy", "describe_f1", "t2i_shapeseval",
                 "t2i_shapeseval_heldout", "vq_recon_shapeseval"]
 
@@ -43,8 +44,10 @@ def test_every_stage_ran_and_left_a_marker(first_run):
     assert stage2["processes"] == 2 and Path(stage2["model_dir"], "config.json").is_file()
     t2i = _read_marker(out, "08-unified-t2i")  # the text-to-image stage starts from stage 2's model
     assert f"train.init_from={stage2['model_dir']}" in t2i["overrides"]
-    assert result["model_dir"] == t2i["model_dir"] and Path(t2i["model_dir"], "config.json").is_file()
-    halves = [json.loads((out / "09-eval" / f"eval-part{i}" / "stage.json").read_text()) for i in (0, 1)]
+    mix = _read_marker(out, "09-unified-mix")  # the rehearsal stage from the t2i stage's; it is the result
+    assert f"train.init_from={t2i['model_dir']}" in mix["overrides"]
+    assert result["model_dir"] == mix["model_dir"] and Path(mix["model_dir"], "config.json").is_file()
+    halves = [json.loads((out / "10-eval" / f"eval-part{i}" / "stage.json").read_text()) for i in (0, 1)]
     assert sorted(sum((h["evaluated"] for h in halves), [])) == sorted(
         ["test-vqa", "test-caption", "test-describe", "test-t2i", "heldout-t2i"])
 
@@ -81,16 +84,16 @@ def test_rerun_reuses_stages_and_an_interrupted_stage_is_redone(first_run):
     from mmdiff.quickstart import run_quickstart
 
     out, result, first_seconds = first_run
-    eval_marker = out / "09-eval" / "stage.json"
+    eval_marker = out / "10-eval" / "stage.json"
     before = eval_marker.stat().st_mtime_ns
     again = run_quickstart(out, reduced=True)
     assert again["wall_seconds"] < first_seconds / 3
     assert {k: again[k] for k in UNIT_METRICS} == {k: result[k] for k in UNIT_METRICS}
     assert eval_marker.stat().st_mtime_ns == before
     # "interrupt" the last stage: only it runs again
-    (out / "10-report" / "stage.json").unlink()
+    (out / "11-report" / "stage.json").unlink()
     third = run_quickstart(out, reduced=True)
-    assert (out / "10-report" / "stage.json").is_file() and Path(third["report"]).is_file()
+    assert (out / "11-report" / "stage.json").is_file() and Path(third["report"]).is_file()
     assert eval_marker.stat().st_mtime_ns == before
 
 
@@ -147,3 +150,24 @@ def test_vqa_stage_recipe_is_stage_2_on_vqa_rows():
         for key in ("max_steps", "output_dir"):
             r["train"].pop(key)
     assert vqa == s2
+
+
+def test_t2i_and_rehearsal_recipes_are_stage_2_with_another_task_mix():
+    """The t2i-only and rehearsal stages differ from stage 2 in their task mix, steps, paths and
+    whether the code rows restart from the VQ -- nothing else drifts apart."""
+    import yaml
+
+    from mmdiff.quickstart import MIX_RECIPE, STAGE2_RECIPE, T2I_RECIPE
+
+    t2i, mix, s2 = (yaml.safe_load(p.read_text()) for p in (T2I_RECIPE, MIX_RECIPE, STAGE2_RECIPE))
+    assert {k: v for k, v in t2i["data"]["task_weights"].items() if v} == {"t2i": 1.0}
+    assert mix["data"]["task_weights"]["t2i"] >= max(v for k, v in mix["data"]["task_weights"].items() if k != "t2i")
+    assert t2i["model"].pop("code_embedding_init") == "vq" and "code_embedding_init" not in mix["model"]
+    assert t2i["objective"]["image_codes"]["weighting"] == "uniform"
+    for r in (t2i, mix, s2):
+        r["data"].pop("task_weights")
+        for key in ("max_steps", "output_dir", "init_from"):
+            r["train"].pop(key)
+        for key in ("size", "tokenizer"):
+            r["model"].pop(key)
+    assert t2i == s2 and mix == s2
