@@ -593,23 +593,17 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
         s1.append("model.size=debug")
     stages["05-unified-stage1"] = st1 = run_stage(out, "05-unified-stage1", _stage_unified(STAGE1_RECIPE, s1),
                                                   {"recipe": file_digest(STAGE1_RECIPE), "overrides": s1})
-    sv = _continue_from(st1["model_dir"], sizes.vqa_steps, common)
-    stages["06-unified-vqa"] = stv = run_stage(
-        out, "06-unified-vqa", _stage_unified(VQA_RECIPE, sv, sizes.processes),
-        {"recipe": file_digest(VQA_RECIPE), "overrides": sv, "processes": sizes.processes})
-    s2 = _continue_from(stv["model_dir"], sizes.stage2_steps, common)
-    stages["07-unified-stage2"] = st2 = run_stage(
-        out, "07-unified-stage2", _stage_unified(STAGE2_RECIPE, s2, sizes.processes),
-        {"recipe": file_digest(STAGE2_RECIPE), "overrides": s2, "processes": sizes.processes})
-    s3 = _continue_from(st2["model_dir"], sizes.t2i_steps, common)
-    stages["08-unified-t2i"] = st3 = run_stage(
-        out, "08-unified-t2i", _stage_unified(T2I_RECIPE, s3, sizes.processes),
-        {"recipe": file_digest(T2I_RECIPE), "overrides": s3, "processes": sizes.processes})
-    s4 = _continue_from(st3["model_dir"], sizes.mix_steps, common)
-    stages["09-unified-mix"] = st4 = run_stage(
-        out, "09-unified-mix", _stage_unified(MIX_RECIPE, s4, sizes.processes),
-        {"recipe": file_digest(MIX_RECIPE), "overrides": s4, "processes": sizes.processes})
-    stages["10-eval"] = ev = run_stage(out, "10-eval", _stage_eval(data, vq, st4["model_dir"], sizes),
+    # data-parallel stages, each from the model of the one before: VQA, stage 2, t2i only, rehearsal
+    model_dir = st1["model_dir"]
+    for name, recipe, steps in [("06-unified-vqa", VQA_RECIPE, sizes.vqa_steps),
+                                ("07-unified-stage2", STAGE2_RECIPE, sizes.stage2_steps),
+                                ("08-unified-t2i", T2I_RECIPE, sizes.t2i_steps),
+                                ("09-unified-mix", MIX_RECIPE, sizes.mix_steps)]:
+        o = _continue_from(model_dir, steps, common)
+        stages[name] = st = run_stage(out, name, _stage_unified(recipe, o, sizes.processes),
+                                      {"recipe": file_digest(recipe), "overrides": o, "processes": sizes.processes})
+        model_dir = st["model_dir"]
+    stages["10-eval"] = ev = run_stage(out, "10-eval", _stage_eval(data, vq, model_dir, sizes),
                                        _eval_settings(sizes))
     stages["11-report"] = rep = run_stage(out, "11-report", _stage_report(out, dict(stages), ev, data))
     print(_summary_table(stages, ev["headline"]), file=sys.stderr, flush=True)
@@ -618,7 +612,7 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
     return {
         **ev["headline"],
         "wall_seconds": round(time.perf_counter() - start, 2),
-        "model_dir": st4["model_dir"],
+        "model_dir": model_dir,
         "out": str(out),
         "report": rep["report_md"],
         "data": data["counts"],
