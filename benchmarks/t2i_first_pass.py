@@ -72,7 +72,14 @@ def measure(model_dir: str | Path, data: str | Path, prompts: int = 24) -> dict:
         raise ValueError(f"{model_dir}: the model has no VQ tokenizer")
     classes = code_classes(bundle)
     k, v = proc.cfg.codebook_size, proc.text_vocab_size
-    is_blank = torch.tensor([classes[c] == "blank" for c in range(k)])
+    cls = [classes[c] for c in range(k)]
+    objects = [c for c in set(cls) if isinstance(c, tuple)]
+    is_blank = torch.tensor([c == "blank" for c in cls])
+    # boolean masks over the codebook, built once: by whole class, by colour, by shape
+    by_class = {o: torch.tensor([c == o for c in cls]) for o in objects}
+    by_color = {o[0]: torch.tensor([isinstance(c, tuple) and c[0] == o[0] for c in cls]) for o in objects}
+    by_shape = {o[1]: torch.tensor([isinstance(c, tuple) and c[1] == o[1] for c in cls]) for o in objects}
+    none = torch.zeros(k, dtype=torch.bool)  # a class no code draws (a held-out pair)
     stats: dict[str, list[float]] = defaultdict(list)
     n = 0
     for s in read_samples(data):
@@ -97,16 +104,12 @@ def measure(model_dir: str | Path, data: str | Path, prompts: int = 24) -> dict:
             if cell not in want:
                 stats["empty_p_blank"].append(blank)
                 continue
-            color, shape, size = want[cell]
-            cls = [classes[c] for c in range(k)]
-            right = torch.tensor([c == (color, shape, size) for c in cls])
-            col = torch.tensor([isinstance(c, tuple) and c[0] == color for c in cls])
-            shp = torch.tensor([isinstance(c, tuple) and c[1] == shape for c in cls])
-            stats["obj_p_class"].append(float(p[slot, right].sum()))
-            stats["obj_p_color"].append(float(p[slot, col].sum()))
-            stats["obj_p_shape"].append(float(p[slot, shp].sum()))
+            target = want[cell]  # (colour, shape, size)
+            stats["obj_p_class"].append(float(p[slot, by_class.get(target, none)].sum()))
+            stats["obj_p_color"].append(float(p[slot, by_color.get(target[0], none)].sum()))
+            stats["obj_p_shape"].append(float(p[slot, by_shape.get(target[1], none)].sum()))
             stats["obj_p_blank"].append(blank)
-            stats["obj_argmax_ok"].append(float(cls[int(p[slot].argmax())] == (color, shape, size)))
+            stats["obj_argmax_ok"].append(float(cls[int(p[slot].argmax())] == target))
     if n == 0:
         raise ValueError(f"{data}: no sample with a parsable caption")
     return {"model": str(model_dir), "prompts": n, "classes": len(set(classes.values())),
