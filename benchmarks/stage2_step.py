@@ -6,7 +6,10 @@ the same batches and weights, side by side in interleaved rounds:
 
 * **data**: producing ``--batches`` micro-batches in the second pass over the data, with
   ``data.image_cache_mb`` 0 (every image transformed / VQ-encoded again) and with the recipe's
-  cache (filled during the first pass);
+  cache (filled during the first pass); with ``--first-pass``, instead, the first pass (no cache,
+  as most rows of a run over more scenes than it draws), the encoder given one example at a time
+  against the pipeline's chunks (``encode_many``: a chunk's text-to-image targets VQ-encoded
+  together);
 * **optimizer**: one AdamW step over the model's trainable parameters with torch's per-tensor
   loop, its multi-tensor (foreach) loop and the fused kernel (``train.optimizer_impl``);
 * **forward + backward** of the recipe's loss on those batches, for scale.
@@ -38,12 +41,30 @@ def _warm_iterator(recipe, comps, micro: int, warm_batches: int):
     return it
 
 
+class _OneByOne:
+    """The recipe's encoder without ``encode_many``: the pipeline hands it one example at a time."""
+
+    def __init__(self, encoder):
+        self.encoder, self.pad_id = encoder, encoder.pad_id
+
+    def __call__(self, ex):
+        return self.encoder(ex)
+
+
+def _first_pass_iterator(recipe, encoder, micro: int):
+    from mmdiff.training.recipe import PipelineSource
+
+    return iter(PipelineSource(recipe, encoder, micro)._factory(rank=0, world_size=1, epoch=0))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--micro-batch", type=int, default=8, help="rows per micro-batch (one rank's share)")
     ap.add_argument("--batches", type=int, default=96, help="micro-batches per timed data round")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--first-pass", action="store_true",
+                    help="time the first pass, one example at a time vs in chunks (no cache)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
@@ -52,16 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     from mmdiff.training.recipe import UnifiedLoss, build_components, load_recipe
 
     recipe = load_recipe(args.config, args.overrides)
-    cache_mb = recipe.data.image_cache_mb or 256.0
-    comps, cached_name = {}, f"cache {cache_mb:g} MB"
-    for name, mb in (("no cache", 0.0), (cached_name, cache_mb)):
-        r = load_recipe(args.config, [*args.overrides, f"data.image_cache_mb={mb}"])
-        comps[name] = (r, build_components(r))
-    n_samples = sum(1 for _ in _samples(recipe))
-    warm = -(-n_samples // args.micro_batch)
-    t0 = time.perf_counter()
-    iters = {name: _warm_iterator(r, c, args.micro_batch, warm) for name, (r, c) in comps.items()}
-    warm_s = time.perf_counter() - t0
+    comps = {}
+    if args.first_pass:
+        r = load_recipe(args.config, [*args.overrides, "data.image_cache_mb=0"])
+        c = build_components(r)
+        comps = {"one at a time": (r, c), "chunks (encode_many)": (r, c)}
+        base, cached_name, n_samples, warm_s = "one at a time", None, None, 0.0
+        iters = {"one at a time": _first_pass_iterator(r, _OneByOne(c.encoder), args.micro_batch),
+                 "chunks (encode_many)": _first_pass_iterator(r, c.encoder, args.micro_batch)}
+    else:
+        cache_mb = recipe.data.image_cache_mb or 256.0
+        base, cached_name = "no cache", f"cache {cache_mb:g} MB"
+        for name, mb in (("no cache", 0.0), (cached_name, cache_mb)):
+            r = load_recipe(args.config, [*args.overrides, f"data.image_cache_mb={mb}"])
+            comps[name] = (r, build_components(r))
+        n_samples = sum(1 for _ in _samples(recipe))
+        warm = -(-n_samples // args.micro_batch)
+        t0 = time.perf_counter()
+        iters = {name: _warm_iterator(r, c, args.micro_batch, warm) for name, (r, c) in comps.items()}
+        warm_s = time.perf_counter() - t0
 
     def data_fn(it):
         return lambda: [next(it) for _ in range(args.batches)]
@@ -91,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ms = lambda xs, n: 1e3 * median(xs) / n  # noqa: E731
     rows = []
     for k, xs in data_t.items():
-        ratio = median([a / b for a, b in zip(data_t["no cache"], xs)])
+        ratio = median([a / b for a, b in zip(data_t[base], xs)])
         rows.append({"part": f"data ({k})", "ms_per_step": round(ms(xs, args.batches), 2),
                      "speedup": round(ratio, 2)})
     for k, xs in opt_t.items():
@@ -99,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"part": f"optimizer ({k})", "ms_per_step": round(ms(xs, 20), 2), "speedup": round(ratio, 2)})
     rows.append({"part": "forward+backward", "ms_per_step": round(ms(fb_t["forward+backward"], len(batches)), 2),
                  "speedup": None})
-    cached = comps[cached_name][1].encoder
     result = {"benchmark": "stage2_step", "config": args.config, "micro_batch": args.micro_batch,
-              "samples": n_samples, "warm_pass_s": round(warm_s, 1), "rows": rows,
-              "cache_hits": cached.cache_hits, "cache_misses": cached.cache_misses,
-              "cache_mb_used": round(cached._cache_bytes / 2**20, 1), "machine": machine_info(matmul=False)}
+              "first_pass": args.first_pass, "samples": n_samples, "warm_pass_s": round(warm_s, 1), "rows": rows,
+              "machine": machine_info(matmul=False)}
+    if cached_name is not None:
+        cached = comps[cached_name][1].encoder
+        result.update(cache_hits=cached.cache_hits, cache_misses=cached.cache_misses,
+                      cache_mb_used=round(cached._cache_bytes / 2**20, 1))
     print(format_table(rows, [("part", "part", "s"), ("ms_per_step", "ms / micro-batch", ".2f"),
                               ("speedup", "× baseline", "")]))
     if args.json:

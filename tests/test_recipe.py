@@ -109,6 +109,59 @@ def test_image_cache_gives_identical_batches_and_stays_bounded(tiny_world, tmp_p
         load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.image_cache_mb=-1"))
 
 
+def test_batched_vq_encoding_gives_the_same_stream(tiny_world, tmp_path):
+    """The pipeline hands the unified encoder its stream in chunks (encode_many): text-to-image
+    targets are VQ-encoded in one batch.  Rows, their order and their contents equal those of the
+    one-example-at-a-time path; an unreadable target rejects that example only."""
+    from mmdiff.data.tasks import TaskExample
+    from mmdiff.models.vq import VQConfig, VQTokenizer
+    from mmdiff.training.recipe import PipelineSource, build_components
+
+    torch.manual_seed(0)
+    VQTokenizer(VQConfig(image_size=32, cell_grid=3, tile_size=11, patch_size=11, block_out_channels=[8],
+                         norm_num_groups=4, latent_channels=8, num_vq_embeddings=16, vq_embed_dim=4)
+                ).save_pretrained(tmp_path / "vq")
+    recipe = load_recipe(DEBUG, _overrides(tiny_world, tmp_path, f"model.vq={tmp_path / 'vq'}",
+                                           "data.task_weights={t2i: 1.0, vqa: 1.0, caption: 1.0}"))
+    comps = build_components(recipe)
+    enc = comps.encoder
+    calls = []
+    vq_encode = comps.vq.encode_to_codes
+    comps.vq.encode_to_codes = lambda x: calls.append(len(x)) or vq_encode(x)
+
+    class OneByOne:  # the encoder without encode_many
+        pad_id = enc.pad_id
+
+        def __call__(self, ex):
+            return enc(ex)
+
+    def stream(encoder):
+        it = iter(PipelineSource(recipe, encoder, micro_batch=4)._factory(rank=0, world_size=1, epoch=0))
+        return [next(it) for _ in range(30)]
+
+    batched = stream(enc)
+    assert max(calls) > 4  # several targets per VQ call
+    calls.clear()
+    single = stream(OneByOne())
+    assert set(calls) == {1}
+    assert sum("t2i" in b["tasks"] for b in single) >= 5
+    for a, b in zip(batched, single):
+        assert a["keys"] == b["keys"] and a["tasks"] == b["tasks"]
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        if a.get("pixel_values") is not None:
+            assert torch.equal(a["pixel_values"], b["pixel_values"])
+    # one corrupt target among good ones: that example's error comes back in its place
+    from PIL import Image
+
+    img = Image.new("RGB", (32, 32), (255, 0, 0))
+    good = TaskExample("t2i", "a", None, "a red square", img, {"shard": "s"})
+    bad = TaskExample("t2i", "b", None, "a blue square", "not an image", {"shard": "s"})
+    out = enc.encode_many([good, bad, good])
+    assert isinstance(out[1], ValueError) and "target image" in str(out[1])
+    assert torch.equal(torch.as_tensor(out[0].input_ids), torch.as_tensor(enc(good).input_ids))
+    assert torch.equal(torch.as_tensor(out[2].input_ids), torch.as_tensor(out[0].input_ids))
+
+
 def test_missing_weights_refused(tmp_path):
     from mmdiff.models.bundle import load_bundle
 

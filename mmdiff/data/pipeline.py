@@ -611,18 +611,40 @@ class _Transform:
 
 
 class _Encode:
+    """``TaskExample`` -> row dict.  An ``encode_fn`` with ``encode_many(list) -> list`` (each item the
+    row or the ``ValueError`` that example raised) gets the stream in chunks of ``CHUNK`` -- the
+    unified encoder VQ-encodes a chunk's target images in one batch; rows keep their order."""
+
+    CHUNK = 32
+
     def __init__(self, state: _State, encode_fn: Callable):
         self.state, self.encode_fn = state, encode_fn
 
+    def _results(self, src: Iterable[TaskExample]) -> Iterator[tuple[TaskExample, Any]]:
+        many = getattr(self.encode_fn, "encode_many", None)
+        if many is None:
+            for ex in src:
+                try:
+                    yield ex, self.encode_fn(ex)
+                except ValueError as e:  # ExampleTooLong and data-dependent layout errors
+                    yield ex, e
+            return
+        chunk: list[TaskExample] = []
+        for ex in src:
+            chunk.append(ex)
+            if len(chunk) == self.CHUNK:
+                yield from zip(chunk, many(chunk))
+                chunk = []
+        if chunk:
+            yield from zip(chunk, many(chunk))
+
     def __call__(self, src: Iterable[TaskExample]) -> Iterator[dict]:
         st = self.state
-        for ex in src:
+        for ex, enc in self._results(src):
             shard = ex.meta.get("shard") or "?"
-            try:
-                enc = self.encode_fn(ex)
-            except ValueError as e:  # ExampleTooLong and data-dependent layout errors
-                reason = "too_long" if isinstance(e, ExampleTooLong) else "encode_error"
-                st.reject(ex.key, shard, f"{reason}: {e}")
+            if isinstance(enc, ValueError):
+                reason = "too_long" if isinstance(enc, ExampleTooLong) else "encode_error"
+                st.reject(ex.key, shard, f"{reason}: {enc}")
                 continue
             if not isinstance(enc, dict):  # e.g. mmdiff.processor.Encoded
                 enc = {f.name: getattr(enc, f.name) for f in dataclasses.fields(enc)}
