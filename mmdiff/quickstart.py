@@ -21,7 +21,7 @@ The unified stages run the same recipe files a user would, with this run's paths
 ``key=value`` overrides (recorded in their markers).  All budgets live in ``QuickstartSizes``.
 
 The machine has two cores and every stage runs single-threaded, so independent work runs side by
-side: stages 03 and 04 in two processes (``run_parallel``), stages 06 to 09 data-parallel in two
+side: stage 03 beside stages 02 and 04 in two processes (``run_parallel``), stages 06 to 09 data-parallel in two
 ``torchrun`` processes, and stage 10 as two halves of the evaluations.
 """
 
@@ -60,6 +60,7 @@ class QuickstartSizes:
     image_size: int = 32
     seed: int = 0
     vocab_size: int = 512
+    tokenizer_scenes: int = 5000  # the text tokenizer reads the first training shards holding this many scenes
     vq_minutes: float = 3.0
     vision_minutes: float = 2.9  # runs beside the VQ tokenizer (3 min): the same wall time
     stage1_steps: int = 40
@@ -192,10 +193,12 @@ def run_stage(out: Path, name: str, fn: Callable[[Path], dict], settings: dict |
     return _read_marker(out, name)
 
 
-def run_parallel(out: Path, jobs: list[tuple]) -> dict[str, dict]:
+def run_parallel(out: Path, jobs: list[tuple], here: Callable[[], dict[str, dict]] | None = None) -> dict[str, dict]:
     """Run independent stages at once: the first here, each other one in a forked process.
 
-    ``jobs``: ``(name, fn)`` or ``(name, fn, settings)`` as for ``run_stage``.
+    ``jobs``: ``(name, fn)`` or ``(name, fn, settings)`` as for ``run_stage``.  With ``here`` (a
+    function running stages in a row in this process and returning ``{name: result}``, e.g. one
+    stage and then another that reads its result) every job runs in a child instead.
     The machine has 2 cores and every stage runs on one thread, so two stages side by side take
     the time of the longer one.  Children report through their ``stage.json`` markers only; a
     child that fails stops the run with its stage named (a re-run resumes it).
@@ -204,6 +207,11 @@ def run_parallel(out: Path, jobs: list[tuple]) -> dict[str, dict]:
 
     ctx = mp.get_context("fork")  # the stage functions are closures: fork needs no pickling
     jobs = [(j[0], j[1], j[2] if len(j) > 2 else None) for j in jobs]
+    if here is None:
+        first = jobs[0]
+        here, jobs = (lambda: {first[0]: run_stage(out, *first)}), [None, *jobs[1:]]
+    else:
+        jobs = [None, *jobs]
     children = []
     for name, fn, settings in jobs[1:]:
         if _finished(out, name, _settings_json(out, settings)) is None:  # raises on changed settings
@@ -212,7 +220,7 @@ def run_parallel(out: Path, jobs: list[tuple]) -> dict[str, dict]:
             proc.start()
             children.append((name, proc))
     try:
-        results = {jobs[0][0]: run_stage(out, *jobs[0])}
+        results = dict(here())
     except BaseException:
         for _, proc in children:
             proc.terminate()
@@ -237,7 +245,8 @@ def _stage_data(sizes: QuickstartSizes) -> Callable[[Path], dict]:
         splits = [("train", sizes.train), ("val", sizes.val), ("test", sizes.test), ("heldout", sizes.heldout)]
         for split, n in tqdm(splits, desc="world splits", file=sys.stderr):
             r = write_shapes_split(d / "shapes" / split, split=split, num_samples=n, seed=sizes.seed,
-                                   image_size=sizes.image_size, samples_per_shard=max(1, n // 8))
+                                   image_size=sizes.image_size, samples_per_shard=max(1, n // 8),
+                                   workers=sizes.processes)
             counts[split] = r["samples"]
         digits = write_digits(d / "digits", image_size=sizes.image_size, seed=sizes.seed)
         return {"shapes": str(d / "shapes"), "digits": str(d / "digits"), "counts": counts,
@@ -250,8 +259,15 @@ def _stage_text_tokenizer(data: dict, sizes: QuickstartSizes) -> Callable[[Path]
     def fn(d: Path) -> dict:
         from mmdiff.text_tokenizer import train_tokenizer_from_shards
 
-        shapes = Path(data["shapes"])
-        r = train_tokenizer_from_shards([str(shapes / "train"), str(Path(data["digits"]) / "train")],
+        from mmdiff.data.shards import list_shards
+
+        # the first training shards (>= tokenizer_scenes scenes), not all 40,000: the world's text is
+        # templated, and a tokenizer from one 5,000-scene shard segments 20,000 texts of another
+        # exactly as one from all of them (BENCHMARKS.md, session 14), in ~8 s instead of ~20
+        shards = list_shards(Path(data["shapes"]) / "train")
+        per_shard = -(-sizes.train // len(shards))
+        first = shards[:-(-sizes.tokenizer_scenes // per_shard)]
+        r = train_tokenizer_from_shards([*first, str(Path(data["digits"]) / "train")],
                                         str(d), vocab_size=sizes.vocab_size)
         return {"tokenizer_dir": str(d), **{k: v for k, v in r.items() if k != "out_dir"}}
 
@@ -577,14 +593,19 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
     start = time.perf_counter()
     stages: dict[str, dict] = {}
     stages["01-data"] = data = run_stage(out, "01-data", _stage_data(sizes), _data_settings(sizes))
-    stages["02-text-tokenizer"] = tok = run_stage(out, "02-text-tokenizer", _stage_text_tokenizer(data, sizes),
-                                                  {"vocab_size": sizes.vocab_size, "reduced": reduced})
-    # the VQ tokenizer and the vision tower do not depend on each other: one core each
-    both = run_parallel(out, [
-        ("04-vision-tower", _stage_vision(data, tok, sizes),
-         {"config": file_digest(VISION_CONFIG), "minutes": sizes.vision_minutes, "reduced": reduced}),
-        ("03-vq-tokenizer", _stage_vq(data, sizes),
-         {"config": file_digest(VQ_CONFIG), "minutes": sizes.vq_minutes, "reduced": reduced})])
+
+    def tokenizer_then_tower() -> dict[str, dict]:  # the tower's text side reads the tokenizer
+        tok = run_stage(out, "02-text-tokenizer", _stage_text_tokenizer(data, sizes),
+                        {"vocab_size": sizes.vocab_size, "scenes": sizes.tokenizer_scenes, "reduced": reduced})
+        return {"02-text-tokenizer": tok, "04-vision-tower": run_stage(
+            out, "04-vision-tower", _stage_vision(data, tok, sizes),
+            {"config": file_digest(VISION_CONFIG), "minutes": sizes.vision_minutes, "reduced": reduced})}
+
+    # the VQ tokenizer needs only the images: one core for it, the other for the text tokenizer and the tower
+    both = run_parallel(out, [("03-vq-tokenizer", _stage_vq(data, sizes),
+                               {"config": file_digest(VQ_CONFIG), "minutes": sizes.vq_minutes, "reduced": reduced})],
+                        here=tokenizer_then_tower)
+    stages["02-text-tokenizer"] = tok = both["02-text-tokenizer"]
     stages["03-vq-tokenizer"] = vq = both["03-vq-tokenizer"]
     stages["04-vision-tower"] = vision = both["04-vision-tower"]
     common = _unified_overrides(data, vq, vision, sizes)

@@ -8,6 +8,7 @@ import re
 import tarfile
 from collections import Counter
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,9 +352,10 @@ def _read_tar(path) -> dict[str, bytes]:
 def test_write_shapes_split_is_byte_identical_and_readable(tmp_path):
     kwargs = dict(split="val", num_samples=45, seed=7, samples_per_shard=20)
     first = write_shapes_split(tmp_path / "a", **kwargs)
-    second = write_shapes_split(tmp_path / "b", **kwargs)
+    second = write_shapes_split(tmp_path / "b", **kwargs, workers=2)  # shards written by two processes
     assert first["split"] == "val" and first["samples"] == 45 and len(first["shards"]) == 3
     assert first["out_dir"] == str(tmp_path / "a")
+    assert [Path(p).name for p in first["shards"]] == [Path(q).name for q in second["shards"]]
     for p, q in zip(first["shards"], second["shards"]):
         assert open(p, "rb").read() == open(q, "rb").read()
     other = write_shapes_split(tmp_path / "c", **{**kwargs, "seed": 8})

@@ -110,16 +110,18 @@ class ShardWriter:
 
     ``write(key, files)`` takes a mapping ``extension -> bytes | str | dict``; dicts are JSON
     encoded with sorted keys, strings UTF-8 encoded.  Extensions are written in sorted order.
-    Use as a context manager; ``shards`` lists the paths written.
+    Use as a context manager; ``shards`` lists the paths written.  ``first_index`` numbers the
+    first shard (writers of disjoint shard ranges can then fill one directory in parallel).
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str = "shard", max_count: int = 1000):
+    def __init__(self, out_dir: str | Path, prefix: str = "shard", max_count: int = 1000, first_index: int = 0):
         if max_count < 1:
             raise ValueError(f"max_count must be >= 1, got {max_count}")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.max_count = max_count
+        self.first_index = int(first_index)
         self.shards: list[Path] = []
         self.count = 0
         self._tar: tarfile.TarFile | None = None
@@ -127,7 +129,7 @@ class ShardWriter:
 
     def _open_next(self) -> None:
         self.close()
-        path = self.out_dir / f"{self.prefix}-{len(self.shards):05d}.tar"
+        path = self.out_dir / f"{self.prefix}-{self.first_index + len(self.shards):05d}.tar"
         self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
         self.shards.append(path)
         self._in_shard = 0
