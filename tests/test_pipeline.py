@@ -246,6 +246,13 @@ def test_canonical_caption_choice_always_takes_the_first_caption():
     assert len({e.prompt for e in examples if e.task == "t2i"}) == 2  # t2i prompts stay random
     with pytest.raises(ValueError, match="caption_choice"):
         TaskMixture({"caption": 1.0}, caption_choice="first")
+    # prompt_choice: canonical does the same for text-to-image prompts
+    mix = TaskMixture({"caption": 1.0, "t2i": 1.0}, prompt_choice="canonical")
+    examples = [mix.example(s, epoch=e) for e in range(40)]
+    assert {e.prompt for e in examples if e.task == "t2i"} == {"a red circle"}
+    assert len({e.target for e in examples if e.task == "caption"}) == 2  # captions stay random
+    with pytest.raises(ValueError, match="prompt_choice"):
+        TaskMixture({"t2i": 1.0}, prompt_choice="first")
 
 
 def test_qa_type_weights_set_how_often_each_question_type_is_asked():

@@ -136,6 +136,7 @@ class PipelineConfig:
     # tasks
     task_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
     caption_choice: str = "random"  # "random" caption template per sample, or always the "canonical" one
+    prompt_choice: str = "random"  # the same for text-to-image prompts
     qa_type_weights: dict = field(default_factory=dict)  # VQA: relative odds of each question type (default 1)
     # sequences and batching
     max_length: int = 256
@@ -171,7 +172,8 @@ class PipelineConfig:
             raise ValueError(f"image_std must be positive, got {self.image_std}")
         if self.max_image_side < 1:
             raise ValueError(f"max_image_side must be >= 1, got {self.max_image_side}")
-        TaskMixture(self.task_weights, self.seed, self.caption_choice, self.qa_type_weights)  # ValueError naming a bad task/weight/choice
+        TaskMixture(self.task_weights, self.seed, self.caption_choice, self.qa_type_weights,
+                    self.prompt_choice)  # ValueError naming a bad task/weight/choice
         if self.task_order not in ("stream", "shared"):
             raise ValueError(f"task_order must be 'stream' or 'shared', got {self.task_order!r}")
         if self.task_order == "shared" and (not self.group_by_task or self.packing):
@@ -580,7 +582,7 @@ class _Tasks:
     def __init__(self, state: _State):
         self.state = state
         self.mixture = TaskMixture(state.cfg.task_weights, state.cfg.seed, state.cfg.caption_choice,
-                                   state.cfg.qa_type_weights)
+                                   state.cfg.qa_type_weights, state.cfg.prompt_choice)
 
     def __call__(self, src: Iterable) -> Iterator[TaskExample]:
         st = self.state

@@ -139,7 +139,8 @@ class TaskMixture:
     ``weights`` maps task name -> non-negative weight; tasks not named get weight 0.
     ``caption_choice``: the caption task's target is a random one of the sample's captions
     (``"random"``) or always the first, canonical one (``"canonical"``: one template to learn, so
-    parallel decoding cannot mix templates).  Text-to-image prompts stay random either way.
+    parallel decoding cannot mix templates).  ``prompt_choice`` does the same for text-to-image
+    prompts (``"canonical"``: the prompt form the t2i evaluation uses, one form to bind to cells).
     ``qa_type_weights``: how likely each question *type* (a QA's ``type`` field) is to be the one
     a VQA example asks, relative to 1.0 for types not named (e.g. ``{shape: 3}`` asks a scene's
     shape question three times as often as any other of its questions; 0 never asks it unless the
@@ -147,10 +148,11 @@ class TaskMixture:
     """
 
     def __init__(self, weights: Mapping[str, float], seed: int = 0, caption_choice: str = "random",
-                 qa_type_weights: Mapping[str, float] | None = None):
-        if caption_choice not in ("random", "canonical"):
-            raise ValueError(f"caption_choice must be 'random' or 'canonical', got {caption_choice!r}")
-        self.caption_choice = caption_choice
+                 qa_type_weights: Mapping[str, float] | None = None, prompt_choice: str = "random"):
+        for name, value in (("caption_choice", caption_choice), ("prompt_choice", prompt_choice)):
+            if value not in ("random", "canonical"):
+                raise ValueError(f"{name} must be 'random' or 'canonical', got {value!r}")
+        self.caption_choice, self.prompt_choice = caption_choice, prompt_choice
         self.qa_type_weights = dict(qa_type_weights or {})
         for t, w in self.qa_type_weights.items():
             if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 or w != w:
@@ -194,7 +196,9 @@ class TaskMixture:
         elif task == "text":
             image, target = None, _lm_text(sample)
         elif task in IMAGE_TARGET_TASKS:
-            image, prompt, target = None, rng.choice(_captions(sample)), sample.image
+            caps = _captions(sample)
+            image, target = None, sample.image
+            prompt = caps[0] if self.prompt_choice == "canonical" else rng.choice(caps)
         elif task == "conversation":
             turns = _conversation(sample)
             assert turns is not None

@@ -92,6 +92,7 @@ class DataRecipe:
     # with group_by_task, "shared": every data-parallel rank draws the same task at the same step
     task_order: Literal["stream", "shared"] = "stream"
     caption_choice: Literal["random", "canonical"] = "random"  # caption target: any template / the canonical one
+    prompt_choice: Literal["random", "canonical"] = "random"  # text-to-image prompt: any template / the canonical one
     qa_type_weights: dict[str, float] = field(default_factory=dict)  # VQA question types' relative odds (default 1)
     # with group_by_task: a task's own *global* batch size (train.batch_size for the others), e.g.
     # {vqa: 48}: short rows in bigger batches.  task_weights stay sample proportions.
@@ -453,6 +454,7 @@ class PipelineSource:
                              max_bad_fraction=d.max_bad_fraction, task_weights=dict(d.task_weights),
                              max_length=self.recipe.model.max_length, group_by_task=d.group_by_task,
                              task_order=d.task_order, caption_choice=d.caption_choice,
+                             prompt_choice=d.prompt_choice,
                              qa_type_weights=dict(d.qa_type_weights),
                              task_batch_sizes=task_sizes)
         self._loader = build_dataloader(cfg, self.encoder, transform=_Identity(), pad_id=self.encoder.pad_id,
