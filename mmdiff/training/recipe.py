@@ -218,15 +218,21 @@ class ExampleEncoder:
             self._cache[key] = value
             self._cache_bytes += size
 
+    def _cache_get(self, key: tuple | None) -> torch.Tensor | None:
+        if key is None:
+            return None
+        hit = self._cache.get(key)
+        if hit is None:
+            self.cache_misses += 1
+        else:
+            self.cache_hits += 1
+        return hit
+
     def _cached(self, kind: str, ex, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         key = self._cache_key(kind, ex)
-        if key is None:
-            return compute()
-        hit = self._cache.get(key)
+        hit = self._cache_get(key)
         if hit is not None:
-            self.cache_hits += 1
             return hit
-        self.cache_misses += 1
         value = compute()
         self._cache_put(key, value)
         return value
@@ -276,13 +282,10 @@ class ExampleEncoder:
             if ex.task not in IMAGE_GEN or self.vq is None:
                 continue
             key = self._cache_key("codes", ex)
-            hit = self._cache.get(key) if key is not None else None
+            hit = self._cache_get(key)
             if hit is not None:
-                self.cache_hits += 1
                 codes[i] = hit
                 continue
-            if key is not None:
-                self.cache_misses += 1
             try:
                 todo.append((i, key, self._target_pixels(ex.target)))
             except (OSError, ValueError, TypeError, AttributeError) as e:  # an unreadable target: this example only
