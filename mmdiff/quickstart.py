@@ -213,12 +213,12 @@ def run_parallel(out: Path, jobs: list[tuple], here: Callable[[], dict[str, dict
     ctx = mp.get_context("fork")  # the stage functions are closures: fork needs no pickling
     jobs = [(j[0], j[1], j[2] if len(j) > 2 else None) for j in jobs]
     if here is None:
-        first = jobs[0]
-        here, jobs = (lambda: {first[0]: run_stage(out, *first)}), [None, *jobs[1:]]
+        first, rest = jobs[0], jobs[1:]
+        here = lambda: {first[0]: run_stage(out, *first)}  # noqa: E731
     else:
-        jobs = [None, *jobs]
+        rest = jobs
     children = []
-    for name, fn, settings in jobs[1:]:
+    for name, fn, settings in rest:
         if _finished(out, name, _settings_json(out, settings)) is None:  # raises on changed settings
             proc = ctx.Process(target=run_stage, args=(out, name, fn, settings), name=f"stage-{name}",
                                daemon=False)
@@ -235,7 +235,7 @@ def run_parallel(out: Path, jobs: list[tuple], here: Callable[[], dict[str, dict
         if proc.exitcode != 0:
             raise RuntimeError(f"quickstart stage {name} failed in its own process (exit code {proc.exitcode}); "
                                "its traceback is above; re-run to resume")
-    for name, _, _ in jobs[1:]:
+    for name, _, _ in rest:
         results[name] = _read_marker(out, name)
     return results
 
