@@ -10,6 +10,12 @@ and with a blank (all-black) image.  A model that uses the image has ``right`` c
 ``shuffled``; ``gap = shuffled - right`` is the number to watch while changing a recipe (it is
 cheap: no sampling).
 
+The same three NLLs are reported for the colour words of each scene's canonical caption
+(``caption_colour_*``), encoded as a ``caption`` row with ONLY those words masked: everything
+else of the caption (sizes, shapes, cells) is given, so the colours are the one thing left to
+read from the image -- the direct test of whether the language model reads the tower's content
+(log 6 = 1.79 when it does not).
+
 Also reported, for the projector's outputs on these images: their mean norm next to the text
 embeddings' (a large gap slows learning in a pre-norm transformer) and the share of their
 variance that is between images (``between_image_variance``; near 0 = the projector collapsed
@@ -31,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_size: int = 64) -> dict:
     from mmdiff.data.shards import read_samples
     from mmdiff.models.bundle import load_bundle
+    from mmdiff.world import COLORS
 
     b = load_bundle(model_dir)
     m, proc = b.model.eval(), b.processor
@@ -48,29 +55,14 @@ def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_s
             break
     if len(items) < 2:
         raise ValueError(f"{data}: fewer than 2 scenes with an image and a question")
-    sums = {"right": 0.0, "shuffled": 0.0, "blank": 0.0}
-    count = 0
+    out = _nll_three_ways(m, proc, items, images, batch_size, _answer_tokens(proc))
     feats = []
     with torch.no_grad():
-        for i in range(0, len(items), batch_size):
-            batch = proc.collate(items[i:i + batch_size])
-            pix = torch.stack(images[i:i + batch_size])
-            target = batch["target_mask"] & batch["attention_mask"]
-            ids = batch["input_ids"].masked_fill(target, proc.mask_id)
-            # scored: the answer's own tokens (its EOS padding is the same for every image)
-            filler = torch.tensor([proc.ids["eos"], proc.ids["pad"]])
-            scored = target & ~torch.isin(batch["input_ids"], filler)
-            for name, pv in (("right", pix), ("shuffled", pix.roll(1, 0)), ("blank", torch.full_like(pix, pix.min()))):
-                logits = m(input_ids=ids, attention_mask=batch["attention_mask"], image_slots=batch["image_slots"],
-                           pixel_values=pv).logits.float()
-                nll = -torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][..., None])[..., 0]
-                sums[name] += float(nll[scored].sum())
-            count += int(scored.sum())
-            feats.append(m.encode_images(pix))
+        for i in range(0, len(images), batch_size):
+            feats.append(m.encode_images(torch.stack(images[i:i + batch_size])))
     f = torch.cat(feats)  # (N, P, D)
     centred = f - f.mean(0, keepdim=True)
     emb = m.get_input_embeddings().weight
-    out = {k: v / count for k, v in sums.items()}
     out.update(
         gap=out["shuffled"] - out["right"],
         samples=len(items),
@@ -78,7 +70,57 @@ def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_s
         text_embedding_norm=float(emb.norm(dim=-1).mean()),
         between_image_variance=float(centred.pow(2).sum() / f.pow(2).sum()),
     )
+    caps, cap_images = [], []
+    for s in read_samples(data):
+        text = (s.captions[0] if s.captions else s.caption) if s.image is not None else None
+        if text:
+            cap_images.append(b.image_transform(s.image.convert("RGB")))
+            caps.append(proc.encode("caption", prompt="", target=text, pixel_values=cap_images[-1]))
+        if len(caps) >= samples:
+            break
+    colours = torch.tensor(sorted({ids[0] for c in COLORS for w in (c, " " + c)
+                                   if len(ids := b.tokenizer.encode(w, add_special_tokens=False)) == 1}))
+    cap = _nll_three_ways(m, proc, caps, cap_images, batch_size, _colour_tokens(colours))
+    out.update({f"caption_colour_{k}": v for k, v in cap.items()})
+    out["caption_colour_gap"] = cap["shuffled"] - cap["right"]
     return out
+
+
+def _answer_tokens(proc):
+    """All of the answer is masked; scored: its own tokens (its EOS padding is the same for every image)."""
+    filler = torch.tensor([proc.ids["eos"], proc.ids["pad"]])
+
+    def select(batch, target):
+        return target, target & ~torch.isin(batch["input_ids"], filler)
+    return select
+
+
+def _colour_tokens(colours):
+    """Only the colour words of the target are masked, and scored."""
+    def select(batch, target):
+        words = target & torch.isin(batch["input_ids"], colours)
+        return words, words
+    return select
+
+
+def _nll_three_ways(m, proc, items, images, batch_size, select) -> dict:
+    sums = {"right": 0.0, "shuffled": 0.0, "blank": 0.0}
+    count = 0
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            batch = proc.collate(items[i:i + batch_size])
+            pix = torch.stack(images[i:i + batch_size])
+            masked, scored = select(batch, batch["target_mask"] & batch["attention_mask"])
+            ids = batch["input_ids"].masked_fill(masked, proc.mask_id)
+            for name, pv in (("right", pix), ("shuffled", pix.roll(1, 0)), ("blank", torch.full_like(pix, pix.min()))):
+                logits = m(input_ids=ids, attention_mask=batch["attention_mask"], image_slots=batch["image_slots"],
+                           pixel_values=pv).logits.float()
+                nll = -torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][..., None])[..., 0]
+                sums[name] += float(nll[scored].sum())
+            count += int(scored.sum())
+    if not count:
+        raise ValueError("no scored tokens")
+    return {k: v / count for k, v in sums.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     r = measure(a.model, a.data, a.samples)
     print(f"answer NLL  right {r['right']:.4f}  shuffled {r['shuffled']:.4f}  blank {r['blank']:.4f}  "
           f"gap {r['gap']:+.4f}  ({r['samples']} scenes)")
+    print(f"caption colours NLL  right {r['caption_colour_right']:.4f}  shuffled {r['caption_colour_shuffled']:.4f}  "
+          f"blank {r['caption_colour_blank']:.4f}  gap {r['caption_colour_gap']:+.4f}")
     print(f"projected features: norm {r['feature_norm']:.2f} (text embeddings {r['text_embedding_norm']:.2f}), "
           f"between-image variance share {r['between_image_variance']:.3f}")
     if a.json:

@@ -364,3 +364,37 @@ def test_code_embedding_init_after_init_from(tiny_world, tmp_path):
         want = getattr(expected.backbone, get)().weight.detach()
         assert torch.allclose(seen[key], want, atol=1e-6)
         assert torch.allclose(seen[key][v:v + k].mean(0), torch.zeros(want.shape[1]), atol=1e-5)  # centred
+
+
+def test_projector_whitening_fitted_on_a_fresh_model_and_kept_by_init_from(tiny_world, tmp_path):
+    """``model.projector.whiten_inputs``: a fresh build fits the whitening on the training images'
+    tower features (mean 0, covariance ~I after it); training leaves it; ``init_from`` carries it."""
+    from mmdiff.data.shards import read_samples
+    from mmdiff.training.recipe import build_components, run_recipe
+
+    common = ["model.projector.whiten_inputs=true", "train.max_steps=2", "train.save_every=0",
+              "data.num_workers=0", "train.tensorboard=false"]
+    s1 = load_recipe(DEBUG, _overrides(tiny_world, tmp_path / "s1", *common))
+    fresh = build_components(s1)
+    proj = fresh.model.projector
+    assert not torch.equal(proj.input_whitening, torch.eye(proj.config.vision_dim))
+    pixels = torch.stack([fresh.model.vision.image_transform()(s.image.convert("RGB"))
+                          for s in read_samples(tiny_world["train"])])  # 120 images < 512: all of them
+    with torch.no_grad():
+        feats = fresh.model.vision.eval().encode_images(pixels)
+    x = ((feats - proj.input_mean) @ proj.input_whitening).reshape(-1, feats.shape[-1]).double()
+    assert x.mean(0).abs().max() < 1e-3
+    eig = torch.linalg.eigvalsh(torch.cov(x.T))
+    raw = torch.linalg.eigvalsh(torch.cov(feats.reshape(-1, feats.shape[-1]).double().T))
+    assert raw[-1] / raw[-5:].mean() > 1.5  # the raw features are anisotropic ...
+    assert eig.max() < 1.0 + 1e-3 and eig[-5:].min() > 0.8  # ... whitened ones are not (floored eigenvalues < 1)
+
+    w1 = _weights(run_recipe(s1)["model_dir"])
+    assert torch.equal(w1["projector.input_mean"], proj.input_mean)  # buffers: not trained
+    assert torch.equal(w1["projector.input_whitening"], proj.input_whitening)
+    m1 = tmp_path / "s1" / "model"
+    s2 = load_recipe(DEBUG, _overrides(tiny_world, tmp_path / "s2", *common, f"model.size={m1}",
+                                       f"model.tokenizer={m1}", f"train.init_from={m1}"))
+    w2 = _weights(run_recipe(s2)["model_dir"])
+    assert torch.equal(w2["projector.input_whitening"], w1["projector.input_whitening"])  # loaded, not refitted
+    assert not torch.equal(w2["projector.mlp.0.weight"], w1["projector.mlp.0.weight"])

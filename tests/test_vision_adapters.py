@@ -214,6 +214,39 @@ def test_projector_mlp2x_gelu():
     assert proj(torch.randn(2, 16, 32)).shape == (2, 16, 48)
 
 
+def test_projector_whitening():
+    """``whiten_inputs``: identity until fitted; after ``fit_whitening`` the fitted features come out
+    with mean 0 and identity covariance; the buffers are in the state dict; bad fits are refused."""
+    g = torch.Generator().manual_seed(0)
+    cfg = ProjectorConfig(vision_dim=8, hidden_size=16, whiten_inputs=True)
+    proj = Projector(cfg)
+    x = torch.randn(4, 9, 8)
+    plain = Projector(ProjectorConfig(vision_dim=8, hidden_size=16))
+    plain.load_state_dict({k: v for k, v in proj.state_dict().items() if not k.startswith("input_")})
+    assert torch.allclose(proj(x), plain(x))  # unfitted: the identity
+    mix = torch.randn(8, 8, generator=g) * torch.tensor([20.0, 5, 3, 2, 1, 1, 0.5, 0.5])
+    feats = torch.randn(64, 16, 8, generator=g) @ mix + 3.0  # anisotropic, off-centre
+    info = proj.fit_whitening(feats)
+    assert info["vectors"] == 64 * 16 and info["top_variance_share"] > 0.5
+    w = ((feats - proj.input_mean) @ proj.input_whitening).reshape(-1, 8).double()
+    assert w.mean(0).abs().max() < 1e-4
+    raw = torch.linalg.eigvalsh(torch.cov(feats.reshape(-1, 8).double().T))
+    expected = raw / (raw + Projector.WHITEN_EPS * raw.mean())  # each direction to unit variance, floor-shrunk
+    assert torch.allclose(torch.linalg.eigvalsh(torch.cov(w.T)), expected, atol=1e-3)
+    assert raw[-1] / raw[0] > 1000 and expected[-1] / expected[0] < 10  # a spread of 1000+ becomes one of < 10
+    assert not torch.allclose(proj(x), plain(x))
+    state = proj.state_dict()
+    again = Projector(cfg)
+    again.load_state_dict(state)
+    assert torch.equal(again(x), proj(x))
+    with pytest.raises(ValueError, match="channels"):
+        proj.fit_whitening(torch.randn(100, 7))
+    with pytest.raises(ValueError, match="at least 16"):
+        proj.fit_whitening(torch.randn(10, 8))
+    with pytest.raises(ValueError, match="whiten_inputs=False"):
+        plain.fit_whitening(feats)
+
+
 def test_projector_pooling():
     cfg = ProjectorConfig(vision_dim=4, hidden_size=8, pool=2)
     proj = Projector(cfg)

@@ -47,6 +47,15 @@ class ProjectorConfig:
     # divides by them) and the layers cannot update those positions, so a from-scratch model
     # learns to read images very slowly.
     output_rms: float = 0.0
+    # Whiten the tower features before the MLP: x -> (x - mean) @ W with W = C^-1/2 (ZCA, eigenvalues
+    # floored at WHITEN_EPS x their mean), fitted once on a sample of training images
+    # (``fit_whitening``; ``mmdiff.training.recipe`` does it when a fresh model is built) and kept as
+    # buffers in the weights.  A tiny tower's features are ill-conditioned: one direction (object vs
+    # background) holds ~40-70% of the variance and colour, shape and size sit in small ones, so
+    # gradient descent reads them late.  2,000 caption steps from stage 1, same tower: colour of a
+    # caption filled in from the image at NLL 0.66 instead of 1.39, caption colours 0.67 instead of
+    # 0.42 (BENCHMARKS.md, session 15).  The statistics stay fixed while a tower trains on.
+    whiten_inputs: bool = False
 
     def validate(self) -> None:
         if self.vision_dim <= 0 or self.hidden_size <= 0:
@@ -94,6 +103,9 @@ class Projector(nn.Module):
             )
         else:
             self.mlp = nn.Linear(d_in, config.hidden_size)
+        if config.whiten_inputs:  # identity until fitted; persistent: saved with the weights
+            self.register_buffer("input_mean", torch.zeros(config.vision_dim))
+            self.register_buffer("input_whitening", torch.eye(config.vision_dim))
         self.position = None
         if config.position_embedding and config.num_tokens <= 0:
             raise ValueError("projector position_embedding needs num_tokens (output tokens per image) > 0")
@@ -121,7 +133,38 @@ class Projector(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (N, (s/k)^2, D_v or D_v*k*k)
         return torch.cat([prefix, x], dim=1) if n_pre else x
 
+    WHITEN_EPS = 1e-2
+
+    @torch.no_grad()
+    def fit_whitening(self, features: torch.Tensor) -> dict:
+        """Set the input whitening from tower features (..., D_v) of sample images (every token counts).
+
+        Returns the spectrum's summary: the largest eigenvalue's share of the variance and the
+        condition number before whitening.
+        """
+        if not self.config.whiten_inputs:
+            raise ValueError("fit_whitening: the projector was built with whiten_inputs=False")
+        x = features.reshape(-1, features.shape[-1]).double()
+        if x.shape[-1] != self.config.vision_dim:
+            raise ValueError(f"fit_whitening: features have {x.shape[-1]} channels, the projector expects "
+                             f"{self.config.vision_dim}")
+        if x.shape[0] < 2 * x.shape[1]:
+            raise ValueError(f"fit_whitening: {x.shape[0]} feature vectors for {x.shape[1]} channels; "
+                             f"need at least {2 * x.shape[1]}")
+        mean = x.mean(0)
+        cov = torch.cov((x - mean).T)
+        eig, vec = torch.linalg.eigh(cov)
+        eig = eig.clamp_min(0)
+        floor = self.WHITEN_EPS * eig.mean()
+        w = vec @ torch.diag((eig + floor).rsqrt()) @ vec.T
+        self.input_mean.copy_(mean.to(self.input_mean.dtype))
+        self.input_whitening.copy_(w.to(self.input_whitening.dtype))
+        return {"top_variance_share": float(eig[-1] / eig.sum()),
+                "condition": float(eig[-1] / eig[0].clamp_min(1e-12)), "vectors": int(x.shape[0])}
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.config.whiten_inputs:
+            features = (features - self.input_mean.to(features.dtype)) @ self.input_whitening.to(features.dtype)
         x = self.mlp(self.pool_tokens(features))  # (N, P', D)
         if self.config.output_rms > 0:
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.config.output_rms

@@ -426,12 +426,39 @@ def build_components(recipe: Recipe) -> Components:
         init_code_embeddings(model, vq.code_features(), text_vocab_size=len(tokenizer))
     processor = MMProcessor(tokenizer, m.special_tokens, proc_cfg)
     transform = model.vision.image_transform() if model.vision is not None else None
+    if model.projector is not None and m.projector.whiten_inputs and not recipe.train.init_from:
+        fit_input_whitening(model, recipe.data.shards, transform)  # a fresh model; init_from brings its own
     encoder = ExampleEncoder(processor, transform, vq, m.image_size, image_cache_mb=recipe.data.image_cache_mb)
     ocfg = dataclasses.replace(recipe.objective, task_names=list(TASKS)) if not recipe.objective.task_names \
         else recipe.objective
     keep = [ids[k] for k in ("bos", "user", "assistant", "image_start", "image_end", "image", "eos")]
     objective = build_objective(ocfg, mask_token_id=ids["mask"], keep_token_ids=keep)
     return Components(recipe, tokenizer, processor, model, vq, encoder, objective)
+
+
+WHITENING_IMAGES = 512  # sample images for the projector's input whitening (x the tower's tokens each)
+
+
+def fit_input_whitening(model, shards, transform, images: int = WHITENING_IMAGES) -> dict:
+    """Fit the projector's input whitening on the tower's features of the first ``images`` images of
+    ``shards`` (in shard order: every rank of a run computes the same statistics)."""
+    from mmdiff.data.shards import read_samples
+
+    pixels = []
+    for sample in read_samples(shards):
+        if sample.image is not None:
+            pixels.append(transform(sample.image.convert("RGB")))
+            if len(pixels) >= images:
+                break
+    if not pixels:
+        raise ValueError(f"model.projector.whiten_inputs: no images in data.shards {list(shards)} to fit it on")
+    was_training = model.vision.training
+    model.vision.eval()
+    with torch.no_grad():
+        feats = torch.cat([model.vision.encode_images(torch.stack(pixels[i:i + 128]))
+                           for i in range(0, len(pixels), 128)])
+    model.vision.train(was_training)
+    return {"images": len(pixels), **model.projector.fit_whitening(feats)}
 
 
 class PipelineSource:
