@@ -43,15 +43,20 @@ def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_s
     m, proc = b.model.eval(), b.processor
     if m.vision is None or b.image_transform is None:
         raise ValueError(f"{model_dir}: the model has no vision tower; nothing to measure")
-    items, images = [], []
-    for s in read_samples(data):
-        qa = getattr(s, "qa", None) or (s.meta or {}).get("qa") or []
-        if s.image is None or not qa:
+    items, images, caps, cap_images = [], [], [], []
+    for s in read_samples(data):  # one pass: each scene's first question and its canonical caption
+        if s.image is None:
             continue
         pix = b.image_transform(s.image.convert("RGB"))
-        items.append(proc.encode("vqa", prompt=qa[0]["question"], target=qa[0]["answer"], pixel_values=pix))
-        images.append(pix)
-        if len(items) >= samples:
+        qa = getattr(s, "qa", None) or (s.meta or {}).get("qa") or []
+        if qa and len(items) < samples:
+            items.append(proc.encode("vqa", prompt=qa[0]["question"], target=qa[0]["answer"], pixel_values=pix))
+            images.append(pix)
+        text = s.captions[0] if s.captions else s.caption
+        if text and len(caps) < samples:
+            caps.append(proc.encode("caption", prompt="", target=text, pixel_values=pix))
+            cap_images.append(pix)
+        if len(items) >= samples and len(caps) >= samples:
             break
     if len(items) < 2:
         raise ValueError(f"{data}: fewer than 2 scenes with an image and a question")
@@ -70,14 +75,6 @@ def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_s
         text_embedding_norm=float(emb.norm(dim=-1).mean()),
         between_image_variance=float(centred.pow(2).sum() / f.pow(2).sum()),
     )
-    caps, cap_images = [], []
-    for s in read_samples(data):
-        text = (s.captions[0] if s.captions else s.caption) if s.image is not None else None
-        if text:
-            cap_images.append(b.image_transform(s.image.convert("RGB")))
-            caps.append(proc.encode("caption", prompt="", target=text, pixel_values=cap_images[-1]))
-        if len(caps) >= samples:
-            break
     colours = torch.tensor(sorted({ids[0] for c in COLORS for w in (c, " " + c)
                                    if len(ids := b.tokenizer.encode(w, add_special_tokens=False)) == 1}))
     cap = _nll_three_ways(m, proc, caps, cap_images, batch_size, _colour_tokens(colours))
