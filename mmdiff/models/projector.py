@@ -53,7 +53,7 @@ class ProjectorConfig:
     # buffers in the weights.  A tiny tower's features are ill-conditioned: one direction (object vs
     # background) holds ~40-70% of the variance and colour, shape and size sit in small ones, so
     # gradient descent reads them late.  2,000 caption steps from stage 1, same tower: colour of a
-    # caption filled in from the image at NLL 0.66 instead of 1.39, caption colours 0.67 instead of
+    # caption filled in from the image at NLL 0.69 instead of 1.43, caption colours 0.67 instead of
     # 0.42 (BENCHMARKS.md, session 15).  The statistics stay fixed while a tower trains on.
     whiten_inputs: bool = False
 
@@ -152,8 +152,7 @@ class Projector(nn.Module):
             raise ValueError(f"fit_whitening: {x.shape[0]} feature vectors for {x.shape[1]} channels; "
                              f"need at least {2 * x.shape[1]}")
         mean = x.mean(0)
-        cov = torch.cov((x - mean).T)
-        eig, vec = torch.linalg.eigh(cov)
+        eig, vec = torch.linalg.eigh(torch.cov(x.T))  # torch.cov centres the columns itself
         eig = eig.clamp_min(0)
         floor = self.WHITEN_EPS * eig.mean()
         w = vec @ torch.diag((eig + floor).rsqrt()) @ vec.T
