@@ -255,6 +255,28 @@ def test_canonical_caption_choice_always_takes_the_first_caption():
         TaskMixture({"t2i": 1.0}, prompt_choice="first")
 
 
+def test_max_caption_words_keeps_only_short_caption_samples(tmp_path):
+    # a curriculum: one-object scenes (captions of 7-8 words) before the rest
+    keys, short = [], set()
+    with ShardWriter(tmp_path, prefix="c", max_count=5) as w:
+        for i in range(20):
+            rec = record(i)
+            if i % 3:  # a second object: a 15+ word canonical caption
+                rec["caption"] = rec["captions"][0] = rec["caption"] + " and a large blue square at the bottom"
+            else:
+                short.add(f"c{i:05d}")
+            w.write(f"c{i:05d}", {"png": png(), "txt": rec["caption"], "json": rec})
+            keys.append(f"c{i:05d}")
+    for workers in (0, 2):
+        loader = build_dataloader(cfg_for(tmp_path, max_caption_words=8, num_workers=workers), simple_encode, pad_id=0)
+        seen = keys_of(loader)
+        assert sorted(seen) == sorted(short) and len(short) == 7
+        assert loader.stats.bad == 0 and loader.stats.good == 20  # skipped samples are good data, not bad
+    assert sorted(keys_of(build_dataloader(cfg_for(tmp_path), simple_encode, pad_id=0))) == keys  # 0 = all
+    with pytest.raises(ValueError, match="max_caption_words"):
+        PipelineConfig(shards=["x"], max_caption_words=-1).validate()
+
+
 def test_qa_type_weights_set_how_often_each_question_type_is_asked():
     qa = [{"question": "what color is the circle?", "answer": "red", "type": "color"},
           {"question": "what shape is the red object?", "answer": "circle", "type": "shape"},

@@ -38,6 +38,8 @@ def test_bad_recipes_refused_before_work(tiny_world, tmp_path):
         load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "objective.task_weights={poem: 2.0}"))
     with pytest.raises(ConfigError, match=r"objective.task_min_mask_ratio: unknown task\(s\) \['qa'\]"):
         load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "objective.task_min_mask_ratio={qa: 1.0}"))
+    with pytest.raises(ConfigError, match="max_caption_words must be an integer >= 0"):
+        load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.max_caption_words=-3"))
     assert not any(tmp_path.iterdir())  # nothing was written
     # task loss weights by task name need no task_names list: the recipe fills in every task
     r = load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "objective.task_weights={vqa: 2.0}"))

@@ -78,7 +78,7 @@ import webdataset as wds
 from mmdiff.data.shards import (
     BadSampleStats, TooManyBadSamples, decode_sample, iter_raw_samples, list_shards,
 )
-from mmdiff.data.tasks import IMAGE_TARGET_TASKS, TASK_IDS, TASKS, TaskExample, TaskMixture
+from mmdiff.data.tasks import IMAGE_TARGET_TASKS, TASK_IDS, TASKS, TaskExample, TaskMixture, caption_words
 
 __all__ = [
     "PipelineConfig",
@@ -138,6 +138,9 @@ class PipelineConfig:
     caption_choice: str = "random"  # "random" caption template per sample, or always the "canonical" one
     prompt_choice: str = "random"  # the same for text-to-image prompts
     qa_type_weights: dict = field(default_factory=dict)  # VQA: relative odds of each question type (default 1)
+    # curriculum: only samples whose canonical (first) caption has at most this many words are
+    # used (0 = all); samples without a caption pass.  Skipped samples are good data, not bad ones.
+    max_caption_words: int = 0
     # sequences and batching
     max_length: int = 256
     pad_to: Literal["longest", "max_length"] = "longest"
@@ -160,7 +163,7 @@ class PipelineConfig:
                      "prefetch_factor", "min_seen_for_bad_check"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("shuffle_buffer", "num_workers", "epoch"):
+        for name in ("shuffle_buffer", "num_workers", "epoch", "max_caption_words"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -575,6 +578,8 @@ class _Decode:
                 continue
             if st.stats.good == before:  # decode_sample may or may not count good samples
                 st.stats.ok()
+            if cfg.max_caption_words and caption_words(sample) > cfg.max_caption_words:
+                continue
             yield sample
 
 

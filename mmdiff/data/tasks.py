@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["TASKS", "TASK_IDS", "IMAGE_TARGET_TASKS", "TaskExample", "TaskMixture", "supported_tasks", "task_rng"]
+__all__ = ["TASKS", "TASK_IDS", "IMAGE_TARGET_TASKS", "TaskExample", "TaskMixture", "caption_words", "supported_tasks", "task_rng"]
 
 #: Same order as ``mmdiff.processor.TASKS`` so ``task_ids`` mean the same thing on both sides.
 TASKS: tuple[str, ...] = ("caption", "vqa", "describe", "text", "t2i", "inpaint", "conversation")
@@ -77,6 +77,12 @@ def _captions(sample) -> list[str]:
     if not caps and isinstance(sample.caption, str) and sample.caption.strip():
         caps = [sample.caption]
     return caps
+
+
+def caption_words(sample) -> int:
+    """Words in the sample's canonical (first) caption; 0 when it has none."""
+    caps = _captions(sample)
+    return len(caps[0].split()) if caps else 0
 
 
 def _qa_pairs(sample) -> list[dict]:

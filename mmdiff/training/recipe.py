@@ -94,6 +94,9 @@ class DataRecipe:
     caption_choice: Literal["random", "canonical"] = "random"  # caption target: any template / the canonical one
     prompt_choice: Literal["random", "canonical"] = "random"  # text-to-image prompt: any template / the canonical one
     qa_type_weights: dict[str, float] = field(default_factory=dict)  # VQA question types' relative odds (default 1)
+    # curriculum: train only on samples whose canonical caption has at most this many words (0 = all).
+    # Shapes scenes with one object have captions of 7-8 words, with two at least 15
+    max_caption_words: int = 0
     # with group_by_task: a task's own *global* batch size (train.batch_size for the others), e.g.
     # {vqa: 48}: short rows in bigger batches.  task_weights stay sample proportions.
     task_batch_sizes: dict[str, int] = field(default_factory=dict)
@@ -102,6 +105,8 @@ class DataRecipe:
     image_cache_mb: float = 0.0
 
     def validate(self) -> None:
+        if not isinstance(self.max_caption_words, int) or self.max_caption_words < 0:
+            raise ValueError(f"max_caption_words must be an integer >= 0 (0 = all samples), got {self.max_caption_words!r}")
         if self.image_cache_mb < 0:
             raise ValueError(f"image_cache_mb must be >= 0 (0 = off), got {self.image_cache_mb}")
         if not self.shards:
@@ -486,6 +491,7 @@ class PipelineSource:
                              task_order=d.task_order, caption_choice=d.caption_choice,
                              prompt_choice=d.prompt_choice,
                              qa_type_weights=dict(d.qa_type_weights),
+                             max_caption_words=d.max_caption_words,
                              task_batch_sizes=task_sizes)
         self._loader = build_dataloader(cfg, self.encoder, transform=_Identity(), pad_id=self.encoder.pad_id,
                                         rank=rank, world_size=world_size)
