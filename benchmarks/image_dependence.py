@@ -14,7 +14,8 @@ The same three NLLs are reported for the colour words of each scene's canonical 
 (``caption_colour_*``), encoded as a ``caption`` row with ONLY those words masked: everything
 else of the caption (sizes, shapes, cells) is given, so the colours are the one thing left to
 read from the image -- the direct test of whether the language model reads the tower's content
-(log 6 = 1.79 when it does not).
+(log 6 = 1.79 when it does not).  The same for the shape words (``caption_shape_*``; log 3 = 1.10)
+and the size words (``caption_size_*``; log 2 = 0.69), each with only those words masked.
 
 Also reported, for the projector's outputs on these images: their mean norm next to the text
 embeddings' (a large gap slows learning in a pre-norm transformer) and the share of their
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_size: int = 64) -> dict:
     from mmdiff.data.shards import read_samples
     from mmdiff.models.bundle import load_bundle
-    from mmdiff.world import COLORS
+    from mmdiff.world import COLORS, SHAPES, SIZES
 
     b = load_bundle(model_dir)
     m, proc = b.model.eval(), b.processor
@@ -75,11 +76,12 @@ def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_s
         text_embedding_norm=float(emb.norm(dim=-1).mean()),
         between_image_variance=float(centred.pow(2).sum() / f.pow(2).sum()),
     )
-    colours = torch.tensor(sorted({ids[0] for c in COLORS for w in (c, " " + c)
-                                   if len(ids := b.tokenizer.encode(w, add_special_tokens=False)) == 1}))
-    cap = _nll_three_ways(m, proc, caps, cap_images, batch_size, _colour_tokens(colours))
-    out.update({f"caption_colour_{k}": v for k, v in cap.items()})
-    out["caption_colour_gap"] = cap["shuffled"] - cap["right"]
+    for name, words in (("colour", COLORS), ("shape", SHAPES), ("size", SIZES)):
+        ids = torch.tensor(sorted({t[0] for w in words for v in (w, " " + w)
+                                   if len(t := b.tokenizer.encode(v, add_special_tokens=False)) == 1}))
+        cap = _nll_three_ways(m, proc, caps, cap_images, batch_size, _word_tokens(ids))
+        out.update({f"caption_{name}_{k}": v for k, v in cap.items()})
+        out[f"caption_{name}_gap"] = cap["shuffled"] - cap["right"]
     return out
 
 
@@ -92,10 +94,10 @@ def _answer_tokens(proc):
     return select
 
 
-def _colour_tokens(colours):
-    """Only the colour words of the target are masked, and scored."""
+def _word_tokens(vocab):
+    """Only the target's words of one attribute (its colours, shapes or sizes) are masked, and scored."""
     def select(batch, target):
-        words = target & torch.isin(batch["input_ids"], colours)
+        words = target & torch.isin(batch["input_ids"], vocab)
         return words, words
     return select
 
@@ -132,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     r = measure(a.model, a.data, a.samples)
     print(f"answer NLL  right {r['right']:.4f}  shuffled {r['shuffled']:.4f}  blank {r['blank']:.4f}  "
           f"gap {r['gap']:+.4f}  ({r['samples']} scenes)")
-    print(f"caption colours NLL  right {r['caption_colour_right']:.4f}  shuffled {r['caption_colour_shuffled']:.4f}  "
-          f"blank {r['caption_colour_blank']:.4f}  gap {r['caption_colour_gap']:+.4f}")
+    for name in ("colour", "shape", "size"):
+        print(f"caption {name} words NLL  right {r[f'caption_{name}_right']:.4f}  shuffled "
+              f"{r[f'caption_{name}_shuffled']:.4f}  blank {r[f'caption_{name}_blank']:.4f}  gap {r[f'caption_{name}_gap']:+.4f}")
     print(f"projected features: norm {r['feature_norm']:.2f} (text embeddings {r['text_embedding_norm']:.2f}), "
           f"between-image variance share {r['between_image_variance']:.3f}")
     if a.json:

@@ -137,13 +137,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _quickstart(a: argparse.Namespace) -> dict:
     from mmdiff.quickstart import run_quickstart
 
-    return run_quickstart(a.out, reduced=a.reduced)
+    return run_quickstart(a.out, reduced=a.reduced, seed=a.seed)
 
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quickstart", help="the main job: data -> tokenizers -> model -> eval -> report")
     q.add_argument("--out", default="quickstart_out", help="working directory (resumable)")
     q.add_argument("--reduced", action="store_true", help="tiny sizes, for tests")
+    q.add_argument("--seed", type=int, default=0,
+                   help="seed of the world's scenes and of every training stage (compare recipes over several)")
     q.set_defaults(handler=_quickstart)
 
 

@@ -7,10 +7,10 @@ own checkpoints (resumable).  Stage results flow into later stages through the m
 
     01-data             the Shapes world (train / val / test / heldout) and the digits
     02-text-tokenizer   byte-level BPE on the training text
-    03-vq-tokenizer     tokenizers/configs/vq-shapes-cells.yaml (one code per cell), wall-clock budget
-    04-vision-tower     train/configs/vision-siglip-shapes.yaml (SigLIP, sigmoid loss), budgeted
+    03-vq-tokenizer     tokenizers/configs/vq-shapes-cells.yaml (one code per cell), 2,000 steps
+    04-vision-tower     train/configs/vision-siglip-shapes.yaml (SigLIP, sigmoid loss), 1,150 steps
     05-unified-stage1   train/configs/quickstart-stage1.yaml: projector only, tower frozen
-    06-unified-vqa      train/configs/quickstart-vqa.yaml: everything trains, on VQA rows only
+    06-unified-captions train/configs/quickstart-captions.yaml: everything trains, on one-object captions
     07-unified-stage2   train/configs/quickstart-stage2.yaml: everything, all tasks, from 06's model
     08-unified-t2i      train/configs/quickstart-t2i.yaml: text-to-image rows only, from 07's model
     09-unified-mix      train/configs/quickstart-mix.yaml: every task again, text-to-image kept
@@ -27,6 +27,7 @@ side: stage 03 beside stages 02 and 04 in two processes (``run_parallel``), stag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -44,9 +45,9 @@ __all__ = ["QuickstartSizes", "TARGETS", "run_quickstart", "run_stage"]
 class QuickstartSizes:
     """How much data and time each stage gets.  ``reduced`` is the tiny version the tests run.
 
-    The full budgets fit the whole run in ~20 minutes on 2 CPU cores (fp32): the VQ tokenizer and
-    the vision tower stop on wall-clock budgets, the unified stages on step counts (the trainer
-    has no time budget; the step counts were sized from its measured speed on this machine).
+    The full budgets fit the whole run in ~20 minutes on 2 CPU cores (fp32).  Every training stage
+    stops on a step count, sized from its measured speed on this machine, so a run is repeatable
+    (a slower machine takes longer rather than training less).
     """
 
     # scenes.  The unified stages draw ~130,000 examples: over 6,000 scenes (~20 each) the model
@@ -61,13 +62,17 @@ class QuickstartSizes:
     seed: int = 0
     vocab_size: int = 512
     tokenizer_scenes: int = 5000  # the text tokenizer reads the first training shards holding this many scenes
-    # the VQ tokenizer runs beside the text tokenizer (~5 s) and the vision tower: the same wall time.
-    # 3.0 / 2.9 until session 13; the VQ is exact from ~1,400 steps on (2 min: 1,644 steps, every test
-    # image pixel-exact; 1.25 min: 1,030 steps, recon ShapesEval 0.82; BENCHMARKS.md, session 14)
-    vq_minutes: float = 2.7
-    vision_minutes: float = 2.6
+    # the VQ tokenizer runs beside the text tokenizer and the vision tower (one core each), on step
+    # budgets: a run is repeatable, and two runs' towers are the same tower (wall-clock budgets until
+    # session 16: 1,108-1,202 tower steps in 2.6 min).  The VQ is exact from ~1,400 steps on (1,644:
+    # every test image pixel-exact; 1,030: recon ShapesEval 0.82; BENCHMARKS.md, session 14);
+    # ~15 steps/s, so 2,000 steps end before the tower's 1,150 (~7.5 steps/s, ~2.6 min)
+    vq_steps: int = 2000
+    vision_steps: int = 1150
     stage1_steps: int = 40
-    vqa_steps: int = 600  # VQA-only steps before stage 2 (~1.5 min; BENCHMARKS.md, session 10)
+    # captions of one-object scenes only, before stage 2 (~1.2 min): the language model learns to read the
+    # tower's content (BENCHMARKS.md, session 16; a VQA-only stage of 600 steps until then)
+    caption_steps: int = 500
     # ~5-6 steps/s in two processes.  3,500 until session 12 (4,000: no measurable gain); 2,000 in session 13
     # (understanding paid for the text-to-image stages: VQA 0.62); 3,000 since the steps got cheaper
     # (BENCHMARKS.md, session 14)
@@ -86,7 +91,7 @@ class QuickstartSizes:
 
     @classmethod
     def reduced(cls) -> "QuickstartSizes":
-        return cls(train=400, val=50, test=100, heldout=50, stage1_steps=2, vqa_steps=2, stage2_steps=4, t2i_steps=2, mix_steps=2, batch_size=4,
+        return cls(train=400, val=50, test=100, heldout=50, stage1_steps=2, caption_steps=2, stage2_steps=4, t2i_steps=2, mix_steps=2, batch_size=4,
                    eval_limit=4, t2i_limit=2, recon_images=50, processes=2, reduced_mode=True)
 
 
@@ -104,7 +109,7 @@ TARGETS = {  # test split; a miss is reported with its gap, never lowered
 }
 REPO = Path(__file__).resolve().parent.parent
 STAGE1_RECIPE = REPO / "train" / "configs" / "quickstart-stage1.yaml"
-VQA_RECIPE = REPO / "train" / "configs" / "quickstart-vqa.yaml"
+CAPTION_RECIPE = REPO / "train" / "configs" / "quickstart-captions.yaml"
 STAGE2_RECIPE = REPO / "train" / "configs" / "quickstart-stage2.yaml"
 T2I_RECIPE = REPO / "train" / "configs" / "quickstart-t2i.yaml"
 MIX_RECIPE = REPO / "train" / "configs" / "quickstart-mix.yaml"
@@ -279,19 +284,19 @@ def _stage_text_tokenizer(data: dict, sizes: QuickstartSizes) -> Callable[[Path]
     return fn
 
 
-class _TimeBar:
-    """A tqdm bar over a wall-clock budget, fed by a trainer's ``log(row)`` callback."""
+class _StepBar:
+    """A tqdm bar over a step budget, fed by a trainer's ``log(row)`` callback (rows with ``step``)."""
 
-    def __init__(self, desc: str, seconds: float, key: str):
+    def __init__(self, desc: str, steps: int):
         from tqdm import tqdm
 
-        self.key = key
-        self.bar = tqdm(total=round(seconds), desc=desc, unit="s", file=sys.stderr, dynamic_ncols=True)
+        self.key = "step"
+        self.bar = tqdm(total=int(steps), desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def __call__(self, row: dict) -> None:
         if self.key in row:
             self.bar.n = min(self.bar.total, round(float(row[self.key])))
-            self.bar.set_postfix(step=row.get("step"), loss=row.get("loss"), refresh=False)
+            self.bar.set_postfix(loss=row.get("loss"), refresh=False)
             self.bar.refresh()
 
     def close(self) -> None:
@@ -303,10 +308,11 @@ def _stage_vq(data: dict, sizes: QuickstartSizes) -> Callable[[Path], dict]:
         from mmdiff.training.vq_trainer import run_train_vq
 
         shapes = Path(data["shapes"])
-        overrides = [f"train.max_minutes={sizes.vq_minutes}", "train.log_every=25"]
+        steps = 5 if sizes.reduced_mode else sizes.vq_steps
+        overrides = [f"train.steps={steps}", "train.max_minutes=0", "train.log_every=25", f"train.seed={sizes.seed}"]
         if sizes.reduced_mode:
-            overrides += ["train.steps=5", "train.max_minutes=0", "train.eval_images=16"]
-        bar = _TimeBar("vq tokenizer", 60 * sizes.vq_minutes, "time_s")
+            overrides += ["train.eval_images=16"]
+        bar = _StepBar("vq tokenizer", steps)
         try:
             m = run_train_vq(VQ_CONFIG, shapes / "train", d / "vq", overrides, val_data=shapes / "val", log=bar)
         finally:
@@ -323,11 +329,12 @@ def _stage_vision(data: dict, tok: dict, sizes: QuickstartSizes) -> Callable[[Pa
         from mmdiff.training.vision_pretrain import run_pretrain_vision
 
         shapes = Path(data["shapes"])
-        overrides = [f"train.max_minutes={sizes.vision_minutes}"]
+        steps = 2 if sizes.reduced_mode else sizes.vision_steps
+        overrides = [f"train.steps={steps}", "train.max_minutes=0", f"train.seed={sizes.seed}"]
         if sizes.reduced_mode:
-            overrides += ["train.steps=2", "train.max_minutes=0", "train.max_train_samples=200",
-                          "train.eval_samples=64", "train.probe_samples=100", "train.log_every=1"]
-        bar = _TimeBar("vision tower (SigLIP)", 60 * sizes.vision_minutes, "elapsed_s")
+            overrides += ["train.max_train_samples=200", "train.eval_samples=64", "train.probe_samples=100",
+                          "train.log_every=1"]
+        bar = _StepBar("vision tower (SigLIP)", steps)
         try:
             m = run_pretrain_vision(VISION_CONFIG, shapes / "train", d / "tower", tok["tokenizer_dir"], overrides,
                                     eval_data=shapes / "test", log=bar)
@@ -375,7 +382,8 @@ def _stage_unified(recipe_path: Path, overrides: list[str], processes: int = 1) 
 
 def _unified_overrides(data: dict, vq: dict, vision: dict, sizes: QuickstartSizes) -> list[str]:
     o = [f"model.vq={vq['vq_dir']}", f"model.vision.path={vision['tower_dir']}",
-         f"data.shards=[{Path(data['shapes']) / 'train'}]", f"train.batch_size={sizes.batch_size}"]
+         f"data.shards=[{Path(data['shapes']) / 'train'}]", f"train.batch_size={sizes.batch_size}",
+         f"train.seed={sizes.seed}", f"data.seed={sizes.seed}"]
     if sizes.reduced_mode:
         o += ["train.warmup_steps=1", "train.log_every=1", "train.save_every=2", "data.shuffle_buffer=50"]
     return o
@@ -518,7 +526,7 @@ def _stage_report(out: Path, stages: dict, ev: dict, data: dict) -> Callable[[Pa
 
         curves = {"vision tower (SigLIP)": _curve(Path(stages["04-vision-tower"]["tower_dir"]) / "loss_history.json"),
                   "unified stage 1": _curve(Path(stages["05-unified-stage1"]["history"])),
-                  "unified VQA stage": _curve(Path(stages["06-unified-vqa"]["history"])),
+                  "unified caption stage": _curve(Path(stages["06-unified-captions"]["history"])),
                   "unified stage 2": _curve(Path(stages["07-unified-stage2"]["history"])),
                   "unified t2i stage": _curve(Path(stages["08-unified-t2i"]["history"])),
                   "unified rehearsal stage": _curve(Path(stages["09-unified-mix"]["history"]))}
@@ -587,13 +595,16 @@ def _eval_settings(sizes: QuickstartSizes) -> dict:
             "reduced": sizes.reduced_mode, "configs": configs}
 
 
-def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
-    """Run (or resume) every stage into ``out``; returns the headline metrics and where things are."""
+def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dict:
+    """Run (or resume) every stage into ``out``; returns the headline metrics and where things are.
+
+    ``seed`` seeds the world's scenes and every training stage (the VQ, the tower, the unified stages).
+    """
     import torch
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sizes = QuickstartSizes.reduced() if reduced else QuickstartSizes()
+    sizes = dataclasses.replace(QuickstartSizes.reduced() if reduced else QuickstartSizes(), seed=int(seed))
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     stages: dict[str, dict] = {}
@@ -604,11 +615,11 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
                         {"vocab_size": sizes.vocab_size, "scenes": sizes.tokenizer_scenes, "reduced": reduced})
         return {"02-text-tokenizer": tok, "04-vision-tower": run_stage(
             out, "04-vision-tower", _stage_vision(data, tok, sizes),
-            {"config": file_digest(VISION_CONFIG), "minutes": sizes.vision_minutes, "reduced": reduced})}
+            {"config": file_digest(VISION_CONFIG), "steps": sizes.vision_steps, "seed": sizes.seed, "reduced": reduced})}
 
     # the VQ tokenizer needs only the images: one core for it, the other for the text tokenizer and the tower
     both = run_parallel(out, [("03-vq-tokenizer", _stage_vq(data, sizes),
-                               {"config": file_digest(VQ_CONFIG), "minutes": sizes.vq_minutes, "reduced": reduced})],
+                               {"config": file_digest(VQ_CONFIG), "steps": sizes.vq_steps, "seed": sizes.seed, "reduced": reduced})],
                         here=tokenizer_then_tower)
     stages["02-text-tokenizer"] = tok = both["02-text-tokenizer"]
     stages["03-vq-tokenizer"] = vq = both["03-vq-tokenizer"]
@@ -619,9 +630,9 @@ def run_quickstart(out: str | Path, reduced: bool = False) -> dict:
         s1.append("model.size=debug")
     stages["05-unified-stage1"] = st1 = run_stage(out, "05-unified-stage1", _stage_unified(STAGE1_RECIPE, s1),
                                                   {"recipe": file_digest(STAGE1_RECIPE), "overrides": s1})
-    # data-parallel stages, each from the model of the one before: VQA, stage 2, t2i only, rehearsal
+    # data-parallel stages, each from the model of the one before: captions, stage 2, t2i only, rehearsal
     model_dir = st1["model_dir"]
-    for name, recipe, steps in [("06-unified-vqa", VQA_RECIPE, sizes.vqa_steps),
+    for name, recipe, steps in [("06-unified-captions", CAPTION_RECIPE, sizes.caption_steps),
                                 ("07-unified-stage2", STAGE2_RECIPE, sizes.stage2_steps),
                                 ("08-unified-t2i", T2I_RECIPE, sizes.t2i_steps),
                                 ("09-unified-mix", MIX_RECIPE, sizes.mix_steps)]:

@@ -7,14 +7,16 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STAGES = ["01-data", "02-text-tokenizer", "03-vq-tokenizer", "04-vision-tower", "05-unified-stage1",
-          "06-unified-vqa", "07-unified-stage2", "08-unified-t2i", "09-unified-mix", "10-eval",
+          "06-unified-captions", "07-unified-stage2", "08-unified-t2i", "09-unified-mix", "10-eval",
           "11-report"]
 UNIT_METRICS = ["vqa_exact_match", "caption_attribute_accuracy", "describe_f1", "t2i_shapeseval",
                 "t2i_shapeseval_heldout", "vq_recon_shapeseval"]
@@ -80,6 +82,30 @@ def test_model_dir_loads_and_report_is_written(first_run):
         assert (report.parent / "figures" / fig).is_file()
 
 
+def test_vq_and_tower_stop_on_steps_and_repeat_exactly(first_run, tmp_path):
+    """Step budgets (not wall-clock ones): the VQ and the tower trained again from the same data and
+    seed are the same weights, so two runs (and two recipes) share a tower; another seed differs."""
+    from safetensors.torch import load_file
+
+    from mmdiff.quickstart import QuickstartSizes, _read_marker, _stage_vision, _stage_vq
+
+    out, _, _ = first_run
+    data, tok = _read_marker(out, "01-data"), _read_marker(out, "02-text-tokenizer")
+    sizes = QuickstartSizes.reduced()
+    for name, make, sub, weights in (("03-vq-tokenizer", _stage_vq, "vq", "diffusion_pytorch_model.safetensors"),
+                                     ("04-vision-tower", _stage_vision, "tower", "model.safetensors")):
+        first = load_file(str(out / name / sub / weights))
+        args = (data, sizes) if name.startswith("03") else (data, tok, sizes)
+        again = make(*args)(tmp_path / name)
+        assert again["steps"] == _read_marker(out, name)["steps"] == (5 if name.startswith("03") else 2)
+        second = load_file(str(tmp_path / name / sub / weights))
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name
+        args = (data, replace(sizes, seed=1)) if name.startswith("03") else (data, tok, replace(sizes, seed=1))
+        make(*args)(tmp_path / f"{name}-seed1")
+        other = load_file(str(tmp_path / f"{name}-seed1" / sub / weights))
+        assert any(not torch.equal(first[k], other[k]) for k in first), f"{name}: the seed changed nothing"
+
+
 def test_rerun_reuses_stages_and_an_interrupted_stage_is_redone(first_run):
     from mmdiff.quickstart import run_quickstart
 
@@ -136,20 +162,21 @@ def test_markers_hold_paths_relative_to_the_output_folder(tmp_path):
     assert again["overrides"] == [f"data.shards=[{moved / '01-s' / 'train'}]"]
 
 
-def test_vqa_stage_recipe_is_stage_2_on_vqa_rows():
-    """The VQA stage differs from stage 2 only in its task mix, steps and output folder: the model,
-    objective and optimiser settings must not drift apart between the two files."""
+def test_caption_stage_recipe_is_stage_2_on_one_object_captions():
+    """The caption stage differs from stage 2 only in its task mix, its one-object filter, steps and
+    output folder: the model, objective and optimiser settings must not drift apart between the files."""
     import yaml
 
-    from mmdiff.quickstart import STAGE2_RECIPE, VQA_RECIPE
+    from mmdiff.quickstart import CAPTION_RECIPE, STAGE2_RECIPE
 
-    vqa, s2 = (yaml.safe_load(p.read_text()) for p in (VQA_RECIPE, STAGE2_RECIPE))
-    assert {k: v for k, v in vqa["data"]["task_weights"].items() if v} == {"vqa": 1.0}
-    for r in (vqa, s2):
+    cap, s2 = (yaml.safe_load(p.read_text()) for p in (CAPTION_RECIPE, STAGE2_RECIPE))
+    assert {k: v for k, v in cap["data"]["task_weights"].items() if v} == {"caption": 1.0}
+    assert cap["data"].pop("max_caption_words") == 8 and "max_caption_words" not in s2["data"]
+    for r in (cap, s2):
         r["data"].pop("task_weights")
         for key in ("max_steps", "output_dir"):
             r["train"].pop(key)
-    assert vqa == s2
+    assert cap == s2
 
 
 def test_t2i_and_rehearsal_recipes_are_stage_2_with_another_task_mix():

@@ -213,6 +213,8 @@ def test_captions_and_description_follow_world_md():
         head = "there is 1 shape." if n == 1 else f"there are {n} shapes."
         body = " ".join(f"a {o['size']} {o['color']} {o['shape']} at the {o['cell']}." for o in objs)
         assert meta["description"] == f"{head} {body}"
+        # the quickstart's caption stage keeps one-object scenes by caption length (max_caption_words: 8)
+        assert (len(meta["captions"][0].split()) <= 8) == (n == 1)
     assert len(counts) == len(samples("train", 1)[0].meta["captions"]), "every template is used"
 
 
