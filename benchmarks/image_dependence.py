@@ -1,6 +1,7 @@
 """Does a trained model read the image?  Answer NLL with the right, a shuffled and a blank image.
 
     python benchmarks/image_dependence.py --model runs/x/model --data DATA/shapes/test [--samples 256] [--json]
+        [--max-caption-words 8]   # one-object scenes only
 
 For each of ``--samples`` test scenes one VQA pair (its first question) is encoded as in
 training with EVERY answer token masked; the mean NLL of the answer's own tokens (not its EOS
@@ -35,8 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_size: int = 64) -> dict:
+def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_size: int = 64,
+            max_caption_words: int = 0) -> dict:
     from mmdiff.data.shards import read_samples
+    from mmdiff.data.tasks import caption_words
     from mmdiff.models.bundle import load_bundle
     from mmdiff.world import COLORS, SHAPES, SIZES
 
@@ -46,7 +49,7 @@ def measure(model_dir: str | Path, data: str | Path, samples: int = 256, batch_s
         raise ValueError(f"{model_dir}: the model has no vision tower; nothing to measure")
     items, images, caps, cap_images = [], [], [], []
     for s in read_samples(data):  # one pass: each scene's first question and its canonical caption
-        if s.image is None:
+        if s.image is None or (max_caption_words and caption_words(s) > max_caption_words):
             continue
         pix = b.image_transform(s.image.convert("RGB"))
         qa = getattr(s, "qa", None) or (s.meta or {}).get("qa") or []
@@ -127,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="shard directory with images and qa (e.g. DATA/shapes/test)")
     p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--max-caption-words", type=int, default=0,
+                   help="only scenes whose canonical caption has at most this many words (8: one-object Shapes scenes)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    r = measure(a.model, a.data, a.samples)
+    r = measure(a.model, a.data, a.samples, max_caption_words=a.max_caption_words)
     print(f"answer NLL  right {r['right']:.4f}  shuffled {r['shuffled']:.4f}  blank {r['blank']:.4f}  "
           f"gap {r['gap']:+.4f}  ({r['samples']} scenes)")
     for name in ("colour", "shape", "size"):
