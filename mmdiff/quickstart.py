@@ -70,7 +70,7 @@ class QuickstartSizes:
     vq_steps: int = 2000
     vision_steps: int = 1150
     stage1_steps: int = 40
-    # captions of one-object scenes only, before stage 2 (~1.2 min): the language model learns to read the
+    # captions of one-object scenes only, before stage 2 (~1.9 min): the language model learns to read the
     # tower's content (BENCHMARKS.md, session 16; a VQA-only stage of 600 steps until then)
     caption_steps: int = 500
     # ~5-6 steps/s in two processes.  3,500 until session 12 (4,000: no measurable gain); 2,000 in session 13
@@ -290,12 +290,11 @@ class _StepBar:
     def __init__(self, desc: str, steps: int):
         from tqdm import tqdm
 
-        self.key = "step"
         self.bar = tqdm(total=int(steps), desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def __call__(self, row: dict) -> None:
-        if self.key in row:
-            self.bar.n = min(self.bar.total, round(float(row[self.key])))
+        if "step" in row:
+            self.bar.n = min(self.bar.total, int(row["step"]))
             self.bar.set_postfix(loss=row.get("loss"), refresh=False)
             self.bar.refresh()
 

@@ -64,6 +64,7 @@ Design notes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import random
@@ -570,17 +571,21 @@ class _Decode:
 
     def __call__(self, src: Iterable[dict]) -> Iterator:
         st, cfg = self.state, self.state.cfg
+        # the curriculum filter runs on the text, before the image of a skipped sample is decoded
+        keep = functools.partial(_short_caption, cfg.max_caption_words) if cfg.max_caption_words else None
         for raw in src:
             before = st.stats.good
             sample = decode_sample(raw, st.stats, max_image_side=cfg.max_image_side,
-                                   require_image=cfg.require_image)
+                                   require_image=cfg.require_image, keep=keep)
             if sample is None:
                 continue
             if st.stats.good == before:  # decode_sample may or may not count good samples
                 st.stats.ok()
-            if cfg.max_caption_words and caption_words(sample) > cfg.max_caption_words:
-                continue
             yield sample
+
+
+def _short_caption(max_words: int, sample) -> bool:
+    return caption_words(sample) <= max_words
 
 
 class _Tasks:

@@ -628,8 +628,12 @@ def decode_sample(
     max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
     require_image: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    keep: Callable[[Sample], bool] | None = None,
 ) -> Sample | None:
     """Raw webdataset dict -> ``Sample`` (image in RGB), or ``None`` recorded in ``stats``.
+
+    ``keep`` (a filter on the text, e.g. a caption-length curriculum): a sample it rejects is
+    counted good (its text is valid) and ``None`` is returned before its image is decoded.
 
     Bad-sample reasons (category before the colon): ``json_invalid``, ``json_shape``,
     ``txt_invalid``, ``missing_text``, ``missing_image`` (only with ``require_image``),
@@ -644,6 +648,9 @@ def decode_sample(
     try:
         sample = Sample(key=key, shard=shard)
         _fill_text(sample, _parse_json(raw.get("json")), _parse_txt(raw.get("txt")))
+        if keep is not None and not keep(sample):
+            stats.ok()
+            return None
         ext = _image_ext(raw)
         if ext is None:
             if require_image:
