@@ -92,16 +92,15 @@ def test_vq_and_tower_stop_on_steps_and_repeat_exactly(first_run, tmp_path):
     out, _, _ = first_run
     data, tok = _read_marker(out, "01-data"), _read_marker(out, "02-text-tokenizer")
     sizes = QuickstartSizes.reduced()
-    for name, make, sub, weights in (("03-vq-tokenizer", _stage_vq, "vq", "diffusion_pytorch_model.safetensors"),
-                                     ("04-vision-tower", _stage_vision, "tower", "model.safetensors")):
+    stages = (("03-vq-tokenizer", lambda sz: _stage_vq(data, sz), "vq", "diffusion_pytorch_model.safetensors", 5),
+              ("04-vision-tower", lambda sz: _stage_vision(data, tok, sz), "tower", "model.safetensors", 2))
+    for name, stage, sub, weights, steps in stages:
         first = load_file(str(out / name / sub / weights))
-        args = (data, sizes) if name.startswith("03") else (data, tok, sizes)
-        again = make(*args)(tmp_path / name)
-        assert again["steps"] == _read_marker(out, name)["steps"] == (5 if name.startswith("03") else 2)
+        again = stage(sizes)(tmp_path / name)
+        assert again["steps"] == _read_marker(out, name)["steps"] == steps
         second = load_file(str(tmp_path / name / sub / weights))
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name
-        args = (data, replace(sizes, seed=1)) if name.startswith("03") else (data, tok, replace(sizes, seed=1))
-        make(*args)(tmp_path / f"{name}-seed1")
+        stage(replace(sizes, seed=1))(tmp_path / f"{name}-seed1")
         other = load_file(str(tmp_path / f"{name}-seed1" / sub / weights))
         assert any(not torch.equal(first[k], other[k]) for k in first), f"{name}: the seed changed nothing"
 
