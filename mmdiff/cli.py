@@ -118,6 +118,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(a: argparse.Namespace) -> dict:
+    if a.plan:
+        from mmdiff.training.sequence import load_plan, read_plan_file, run_plan
+
+        if a.overrides:
+            raise SystemExit("mmdiff train --plan: overrides belong to each stage in the plan file "
+                             f"(got {' '.join(a.overrides)})")
+        plan = load_plan(read_plan_file(a.plan))  # every stage is checked before any trains
+        return run_plan(plan, log=lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True))
     from mmdiff.training.recipe import load_recipe, run_recipe
 
     recipe = load_recipe(a.config, a.overrides)  # every check happens here, before any work
@@ -125,8 +133,11 @@ def _train(a: argparse.Namespace) -> dict:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train (or resume) a model from a YAML recipe")
-    t.add_argument("--config", required=True, help="recipe YAML (see train/configs/)")
+    t = sub.add_parser("train", help="train (or resume) a model from a YAML recipe, or several in a row")
+    which = t.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="recipe YAML (see train/configs/)")
+    which.add_argument("--plan", help="YAML with 'stages:', a list of {config, overrides}: the recipes run one "
+                                      "after another in the same processes (mmdiff.training.sequence)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x train.lr=1e-3")
     t.set_defaults(handler=_train)
 

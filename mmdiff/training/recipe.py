@@ -161,17 +161,28 @@ class Recipe:
                     raise ValueError(f"objective.{key}: unknown task(s) {unknown} (tasks: {', '.join(TASKS)})")
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
+                planned: tuple[str | Path, ...] = ()) -> Recipe:
     """YAML recipe + ``key=value`` overrides -> validated ``Recipe`` (errors name key and file).
 
-    ``output_dir=DIR`` is accepted as a short form of ``train.output_dir=DIR``.
+    ``output_dir=DIR`` is accepted as a short form of ``train.output_dir=DIR``.  ``planned``: folders
+    an earlier stage of a plan will write (``mmdiff.training.sequence``); an input path under one of
+    them may not exist yet.
     """
     overrides = [("train." + o if o.split("=", 1)[0].strip() == "output_dir" else o) for o in (overrides or [])]
     recipe = load_config(Recipe, path, overrides)
     for p in [recipe.model.tokenizer, recipe.model.vq, *recipe.data.shards]:
-        if p and not Path(p).exists():
+        if p and not Path(p).exists() and not any(_is_under(Path(p), Path(d)) for d in planned):
             raise FileNotFoundError(f"{path}: path does not exist: {p}")
     return recipe
+
+
+def _is_under(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------------------------ building
