@@ -435,7 +435,9 @@ class Trainer:
             scheduler=self.scheduler,
             ema=self.ema,
             rank=self.rank,
-            map_location=acc.device,
+            # accelerate names CPU ranks' devices cpu:0, cpu:1, ..., a location torch.load cannot restore
+            # to; on the CPU every rank maps to plain "cpu" (the optimizer moves its state to the params)
+            map_location="cpu" if acc.device.type == "cpu" else acc.device,
             engine_loader=(lambda d: acc.load_state(str(d))) if self._sharded else None,
         )
         if self._sharded:  # engine/ does not hold our scheduler; its state is just the step
