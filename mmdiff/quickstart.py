@@ -22,7 +22,8 @@ The unified stages run the same recipe files a user would, with this run's paths
 
 The machine has two cores and every stage runs single-threaded, so independent work runs side by
 side: stage 03 beside stages 02 and 04 in two processes (``run_parallel``), stages 06 to 09 data-parallel in two
-``torchrun`` processes, and stage 10 as two halves of the evaluations.
+``torchrun`` processes -- one launch running the four recipes as a plan (``run_unified_plan``) -- and stage 10
+as two halves of the evaluations.
 """
 
 from __future__ import annotations
@@ -194,8 +195,15 @@ def run_stage(out: Path, name: str, fn: Callable[[Path], dict], settings: dict |
     start = time.perf_counter()
     result = dict(fn(stage_dir))
     result["wall_seconds"] = round(time.perf_counter() - start, 2)
+    return _write_marker(out, name, result, want)
+
+
+def _write_marker(out: Path, name: str, result: dict, want: dict | None) -> dict:
+    """Write stage ``name``'s marker atomically (paths under ``out`` made relative); its result, read back."""
+    result = dict(result)
     if want is not None:
         result["settings"] = want
+    marker = out / name / "stage.json"
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps(_swap_out(json.loads(json.dumps(result, default=str)), str(out), OUT_TOKEN), indent=1))
     tmp.replace(marker)
@@ -346,37 +354,85 @@ def _stage_vision(data: dict, tok: dict, sizes: QuickstartSizes) -> Callable[[Pa
     return fn
 
 
-def _stage_unified(recipe_path: Path, overrides: list[str], processes: int = 1) -> Callable[[Path], dict]:
-    """Train a recipe: in this process, or data-parallel in ``processes`` CPU processes (torchrun).
-
-    On the 2-core quickstart machine two single-threaded processes do twice the matmul work of one
-    (measured: ~50 GFLOP/s each side by side), while a second torch thread in one process adds
-    little for a model this small; the recipe's global batch is split across the processes.
-    """
+def _stage_unified(recipe_path: Path, overrides: list[str]) -> Callable[[Path], dict]:
+    """Train a recipe in this process (stage 05; the later stages run as one plan, ``run_unified_plan``)."""
 
     def fn(d: Path) -> dict:
         from mmdiff.training.recipe import load_recipe, run_recipe
 
-        ovr = [*overrides, f"train.output_dir={d / 'run'}"]
-        recipe = load_recipe(recipe_path, ovr)  # a bad recipe fails here, before any process starts
-        if processes > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "mmdiff.cli", "train", "--config", str(recipe_path), *ovr,
-                   "train.ddp_find_unused_parameters=true"]  # one task per batch: ranks may skip the tower
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-            done = subprocess.run(cmd, env=env)
-            if done.returncode != 0:
-                raise RuntimeError(f"training {recipe_path.name} in {processes} processes failed "
-                                   f"(exit code {done.returncode}); re-run to resume from its last checkpoint")
-            history = json.loads((d / "run" / "history.json").read_text())
-            r = {"model_dir": str(d / "run" / "model"), "step": history[-1]["step"] if history else 0,
-                 "loss": history[-1]["loss"] if history else None}
-        else:
-            r = run_recipe(recipe)
+        r = run_recipe(load_recipe(recipe_path, [*overrides, f"train.output_dir={d / 'run'}"]))
         return {"model_dir": r["model_dir"], "history": str(d / "run" / "history.json"), "step": r["step"],
-                "loss": r["loss"], "recipe": str(recipe_path), "overrides": overrides, "processes": processes}
+                "loss": r["loss"], "recipe": str(recipe_path), "overrides": overrides, "processes": 1}
 
     return fn
+
+
+def run_unified_plan(out: Path, stages: list[tuple[str, Path, list[str]]], processes: int) -> dict[str, dict]:
+    """Train stages that each start from the one before as ONE plan (``mmdiff train --plan``): one launch.
+
+    ``stages``: ``(name, recipe, overrides)``; stage ``name`` trains into ``out/name/run``.  Finished
+    stages (their markers) are reused, the rest run in one ``torchrun`` launch of ``processes`` CPU
+    processes (in this process when 1): the imports, rendezvous, tower and data start-up are paid once
+    instead of per stage (~17 s each; BENCHMARKS.md, session 17).  On two cores two single-threaded
+    processes do twice the matmul work of one, while a second torch thread adds little for a model
+    this small; each recipe's global batch is split across the processes.  A stage's marker holds
+    its own training time; the first one run also holds the launch's start-up (``launch_seconds``).
+    An interrupted launch resumes: the plan skips the stages it finished and resumes the next one
+    from its checkpoints.
+    """
+    from mmdiff.training.recipe import load_recipe
+    from mmdiff.training.sequence import DONE_FILE, load_plan
+
+    results: dict[str, dict] = {}
+    todo = []
+    for name, recipe, overrides in stages:
+        want = _settings_json(out, {"recipe": file_digest(recipe), "overrides": overrides, "processes": processes})
+        done = _finished(out, name, want)  # raises on changed settings
+        if done is not None:
+            _log(f"{name}: done earlier ({done['wall_seconds']:.1f} s), reused")
+            results[name] = done
+        else:
+            todo.append((name, recipe, overrides, want))
+    if not todo:
+        return results
+    extra = ["train.ddp_find_unused_parameters=true"] if processes > 1 else []  # one task per batch: ranks may skip the tower
+    plan = [{"config": str(recipe), "overrides": [*o, f"train.output_dir={out / name / 'run'}", *extra]}
+            for name, recipe, o, _ in todo]
+    load_plan(plan)  # a bad recipe fails here, before any process starts
+    for name, *_ in todo:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    plan_file = out / todo[0][0] / "plan.json"
+    plan_file.write_text(json.dumps({"stages": plan}, indent=1))
+    names = ", ".join(t[0] for t in todo)
+    _log(f"{names}: running as one plan in {processes} process(es) ...")
+    start = time.perf_counter()
+    if processes > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "mmdiff.cli", "train", "--plan", str(plan_file)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        done = subprocess.run(cmd, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"training {names} in {processes} processes failed (exit code {done.returncode}); "
+                               "re-run to resume from the last stage's checkpoint")
+    else:
+        from mmdiff.training.sequence import run_plan
+
+        run_plan(load_plan(plan), log=_log)
+    launch = time.perf_counter() - start
+    done_files = [out / name / "run" / DONE_FILE for name, *_ in todo]
+    summaries = [json.loads(f.read_text()) for f in done_files]
+    ran = [s["wall_seconds"] for s, f in zip(summaries, done_files) if f.stat().st_mtime >= time.time() - launch]
+    startup = max(0.0, launch - sum(ran))  # stages an interrupted earlier launch finished do not count
+    for i, ((name, recipe, overrides, want), r) in enumerate(zip(todo, summaries)):
+        d = out / name
+        result = {"model_dir": str(d / "run" / "model"), "history": str(d / "run" / "history.json"),
+                  "step": r["step"], "loss": r["loss"], "recipe": str(recipe), "overrides": overrides,
+                  "processes": processes, "train_seconds": r["wall_seconds"],
+                  "wall_seconds": round(r["wall_seconds"] + (startup if i == 0 else 0.0), 2)}
+        if i == 0:
+            result["launch_seconds"] = round(startup, 2)
+        results[name] = _write_marker(out, name, result, want)
+    return {name: results[name] for name, *_ in stages}
 
 
 def _unified_overrides(data: dict, vq: dict, vision: dict, sizes: QuickstartSizes) -> list[str]:
@@ -629,16 +685,17 @@ def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dic
         s1.append("model.size=debug")
     stages["05-unified-stage1"] = st1 = run_stage(out, "05-unified-stage1", _stage_unified(STAGE1_RECIPE, s1),
                                                   {"recipe": file_digest(STAGE1_RECIPE), "overrides": s1})
-    # data-parallel stages, each from the model of the one before: captions, stage 2, t2i only, rehearsal
-    model_dir = st1["model_dir"]
+    # data-parallel stages, each from the model of the one before: captions, stage 2, t2i only, rehearsal;
+    # one launch for all four
+    model_dir, plan = st1["model_dir"], []
     for name, recipe, steps in [("06-unified-captions", CAPTION_RECIPE, sizes.caption_steps),
                                 ("07-unified-stage2", STAGE2_RECIPE, sizes.stage2_steps),
                                 ("08-unified-t2i", T2I_RECIPE, sizes.t2i_steps),
                                 ("09-unified-mix", MIX_RECIPE, sizes.mix_steps)]:
-        o = _continue_from(model_dir, steps, common)
-        stages[name] = st = run_stage(out, name, _stage_unified(recipe, o, sizes.processes),
-                                      {"recipe": file_digest(recipe), "overrides": o, "processes": sizes.processes})
-        model_dir = st["model_dir"]
+        plan.append((name, recipe, _continue_from(model_dir, steps, common)))
+        model_dir = str(out / name / "run" / "model")
+    stages.update(run_unified_plan(out, plan, sizes.processes))
+    model_dir = stages["09-unified-mix"]["model_dir"]
     stages["10-eval"] = ev = run_stage(out, "10-eval", _stage_eval(data, vq, model_dir, sizes),
                                        _eval_settings(sizes))
     stages["11-report"] = rep = run_stage(out, "11-report", _stage_report(out, dict(stages), ev, data))

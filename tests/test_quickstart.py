@@ -49,6 +49,13 @@ def test_every_stage_ran_and_left_a_marker(first_run):
     mix = _read_marker(out, "09-unified-mix")  # the rehearsal stage from the t2i stage's; it is the result
     assert f"train.init_from={t2i['model_dir']}" in mix["overrides"]
     assert result["model_dir"] == mix["model_dir"] and Path(mix["model_dir"], "config.json").is_file()
+    # stages 06-09 ran as one plan in one launch: its start-up is counted once, in the first stage
+    plan = json.loads((out / "06-unified-captions" / "plan.json").read_text())["stages"]
+    assert [Path(s["config"]).name for s in plan] == ["quickstart-captions.yaml", "quickstart-stage2.yaml",
+                                                      "quickstart-t2i.yaml", "quickstart-mix.yaml"]
+    caption = _read_marker(out, "06-unified-captions")
+    assert caption["launch_seconds"] > 0 and "launch_seconds" not in stage2
+    assert caption["wall_seconds"] == pytest.approx(caption["train_seconds"] + caption["launch_seconds"], abs=0.02)
     halves = [json.loads((out / "10-eval" / f"eval-part{i}" / "stage.json").read_text()) for i in (0, 1)]
     assert sorted(sum((h["evaluated"] for h in halves), [])) == sorted(
         ["test-vqa", "test-caption", "test-describe", "test-t2i", "heldout-t2i"])
@@ -120,6 +127,18 @@ def test_rerun_reuses_stages_and_an_interrupted_stage_is_redone(first_run):
     third = run_quickstart(out, reduced=True)
     assert (out / "11-report" / "stage.json").is_file() and Path(third["report"]).is_file()
     assert eval_marker.stat().st_mtime_ns == before
+    # "interrupt" the unified plan after stage 08 finished training but before the quickstart marked it:
+    # the re-launched plan skips 06-08 (08 gets its marker back) and trains only 09 again
+    mix_weights = out / "09-unified-mix" / "run" / "model" / "model.safetensors"
+    t2i_weights = out / "08-unified-t2i" / "run" / "model" / "model.safetensors"
+    t2i_marker = json.loads((out / "08-unified-t2i" / "stage.json").read_text())
+    mix_before, t2i_before = mix_weights.stat().st_mtime_ns, t2i_weights.stat().st_mtime_ns
+    for f in ["08-unified-t2i/stage.json", "09-unified-mix/stage.json", "09-unified-mix/run/stage_done.json"]:
+        (out / f).unlink()
+    run_quickstart(out, reduced=True)
+    assert json.loads((out / "08-unified-t2i" / "stage.json").read_text())["step"] == t2i_marker["step"]
+    assert t2i_weights.stat().st_mtime_ns == t2i_before and mix_weights.stat().st_mtime_ns != mix_before
+    assert (out / "09-unified-mix" / "stage.json").is_file()
 
 
 def test_a_stage_made_with_other_settings_is_refused_not_reused(tmp_path):
