@@ -84,8 +84,13 @@ class QuickstartSizes:
     t2i_steps: int = 1600
     mix_steps: int = 800  # every task again after them: understanding comes back, text-to-image is kept
     batch_size: int = 16
-    eval_limit: int = 64  # test scenes for vqa (~10 questions each, fast), caption, describe (~0.7 s each)
-    t2i_limit: int = 48  # test / heldout prompts for text-to-image (24 until session 14: one prompt moved it 0.04)
+    # test scenes evaluated.  64 each until session 17: two runs of one recipe moved by several points on
+    # them.  Binomial standard errors at ~0.7: VQA over 256 scenes (~2,400 questions, ~12 s) ~0.01; captions
+    # and descriptions over 128 (~0.2 s each) ~0.04 per scene-level mean; text-to-image over 200 prompts
+    # (~4 ms each) ~0.03 (48: ~0.065)
+    vqa_limit: int = 256
+    eval_limit: int = 128  # caption, describe
+    t2i_limit: int = 200  # test / heldout prompts for text-to-image (24 until session 14, 48 until session 17)
     recon_images: int = 500  # test images for VQ reconstruction metrics
     processes: int = 2  # data-parallel CPU processes for unified stage 2 (one per core)
     reduced_mode: bool = False
@@ -93,7 +98,7 @@ class QuickstartSizes:
     @classmethod
     def reduced(cls) -> "QuickstartSizes":
         return cls(train=400, val=50, test=100, heldout=50, stage1_steps=2, caption_steps=2, stage2_steps=4, t2i_steps=2, mix_steps=2, batch_size=4,
-                   eval_limit=4, t2i_limit=2, recon_images=50, processes=2, reduced_mode=True)
+                   vqa_limit=4, eval_limit=4, t2i_limit=2, recon_images=50, processes=2, reduced_mode=True)
 
 
 # torch intra-op threads.  One, although the machine has 2 cores: measured on the quickstart
@@ -521,7 +526,7 @@ def _stage_eval(data: dict, vq: dict, model_dir: str, sizes: QuickstartSizes) ->
         bundle = load_bundle(model_dir)
 
         def evaluate(split: str, task: str) -> dict:
-            limit = sizes.t2i_limit if task == "t2i" else sizes.eval_limit
+            limit = {"t2i": sizes.t2i_limit, "vqa": sizes.vqa_limit}.get(task, sizes.eval_limit)
             overrides = []
             if sizes.reduced_mode:
                 overrides = ["steps=4"] if task == "t2i" else (["steps=10"] if task in ("caption", "describe") else [])
@@ -646,8 +651,8 @@ def _data_settings(sizes: QuickstartSizes) -> dict:
 
 def _eval_settings(sizes: QuickstartSizes) -> dict:
     configs = {p.stem: file_digest(p) for p in sorted((REPO / "eval" / "configs").glob("*.yaml"))}
-    return {"eval_limit": sizes.eval_limit, "t2i_limit": sizes.t2i_limit, "recon_images": sizes.recon_images,
-            "reduced": sizes.reduced_mode, "configs": configs}
+    return {"vqa_limit": sizes.vqa_limit, "eval_limit": sizes.eval_limit, "t2i_limit": sizes.t2i_limit,
+            "recon_images": sizes.recon_images, "reduced": sizes.reduced_mode, "configs": configs}
 
 
 def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dict:
