@@ -25,6 +25,7 @@ from its own checkpoints.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,10 +115,13 @@ def run_plan(plan: list[PlanStage], log: Callable[[str], None] | None = None) ->
     Returns ``{"stages": [per-stage summary], **last stage's summary}``; a stage's summary is
     ``run_recipe``'s plus ``wall_seconds`` and ``skipped`` (finished by an earlier run).
     """
+    from accelerate import PartialState
+
     from mmdiff.training.recipe import run_recipe
 
+    if int(os.environ.get("RANK", "0")) != 0:  # one line per stage, not one per process
+        log = None
     results = []
-    accelerator = None
     for i, stage in enumerate(plan):
         done = stage.output_dir / DONE_FILE
         if done.is_file():
@@ -128,10 +132,8 @@ def run_plan(plan: list[PlanStage], log: Callable[[str], None] | None = None) ->
         if log:
             log(f"plan stage {i} ({stage.output_dir}): training ...")
         start = time.perf_counter()
-        r = run_recipe(stage.recipe, accelerator=accelerator)
+        r = run_recipe(stage.recipe)
         r = {**r, "config": stage.config, "wall_seconds": round(time.perf_counter() - start, 2)}
-        from accelerate import PartialState
-
         if PartialState().is_main_process:
             _write_atomic(done, r)
         PartialState().wait_for_everyone()
