@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -65,6 +67,23 @@ def test_save_load_identical_logits(tmp_path, backend):
 
 def test_projector_pooling_reduces_tokens():
     assert _model(pool=2).num_image_tokens == _model(pool=1).num_image_tokens // 4
+
+
+def test_overlapping_concat_windows_save_and_load(tmp_path):
+    """pool 2 every 1 patch, concat: one token per 2x2 neighbourhood; the config round-trips."""
+    torch.manual_seed(0)
+    v = VisionEncoder(tiny_vision_config("siglip"))
+    cfg = MMDiffConfig(backbone=get_size("debug", vocab_size=60), text_vocab_size=50, codebook_size=10,
+                       projector={"pool": 2, "pool_stride": 1, "pool_mode": "concat", "position_embedding": True})
+    m = MMDiffForDiffusion(cfg, vision_encoder=v).eval()
+    side = math.isqrt(v.num_patches)
+    assert m.num_image_tokens == (side - 1) ** 2
+    m.save_pretrained(tmp_path)
+    again = MMDiffForDiffusion.from_pretrained(tmp_path).eval()
+    assert again.num_image_tokens == m.num_image_tokens and again.projector.config.pool_stride == 1
+    ids, slots, pix = _inputs(m)
+    torch.testing.assert_close(m(ids, image_slots=slots, pixel_values=pix).logits,
+                               again(ids, image_slots=slots, pixel_values=pix).logits)
 
 
 def test_vocab_mismatch_refused():

@@ -289,6 +289,32 @@ def test_projector_concat_pooling_keeps_every_feature():
         Projector(ProjectorConfig(vision_dim=3, hidden_size=8, pool=2, pool_mode="median"))
 
 
+def test_projector_overlapping_windows():
+    """pool_stride < pool: windows overlap; concat holds each window's patches, avg/max pool them."""
+    cfg = ProjectorConfig(vision_dim=3, hidden_size=8, pool=2, pool_stride=1, pool_mode="concat")
+    proj = Projector(cfg)
+    feats = torch.randn(2, 16, 3)
+    pooled = proj.pool_tokens(feats)  # 4x4 grid -> 3x3 tokens, each a 2x2 neighbourhood
+    assert pooled.shape == (2, 9, 12) and cfg.num_output_tokens(16) == 9
+    grid = feats.view(2, 4, 4, 3)
+    for r0 in range(3):
+        for c0 in range(3):
+            got = pooled[:, r0 * 3 + c0].view(2, 3, 2, 2)  # (N, D, i, j), the side-by-side concat's order
+            torch.testing.assert_close(got, grid[:, r0:r0 + 2, c0:c0 + 2].permute(0, 3, 1, 2))
+    assert proj(feats).shape == (2, 9, 8)
+    # with the stride equal to the window the result is the side-by-side pooling's
+    side = Projector(ProjectorConfig(vision_dim=3, hidden_size=8, pool=2, pool_mode="concat"))
+    strided = Projector(ProjectorConfig(vision_dim=3, hidden_size=8, pool=2, pool_stride=2, pool_mode="concat"))
+    torch.testing.assert_close(side.pool_tokens(feats), strided.pool_tokens(feats))
+    avg = Projector(ProjectorConfig(vision_dim=3, hidden_size=8, pool=2, pool_stride=1)).pool_tokens(feats)
+    torch.testing.assert_close(avg[:, 4], grid[:, 1:3, 1:3].mean(dim=(1, 2)))  # the centre window
+    # a 4-px patch grid of 8x8 with windows of 3 every 2 patches: (8 - 3) is not a multiple of 2
+    with pytest.raises(ValueError, match="multiple of the stride"):
+        ProjectorConfig(vision_dim=3, hidden_size=8, pool=3, pool_stride=2).num_output_tokens(64)
+    with pytest.raises(ValueError, match="pool_stride"):
+        ProjectorConfig(vision_dim=3, hidden_size=8, pool=2, pool_stride=3).validate()
+
+
 def test_encoder_into_projector():
     enc = build_vision_encoder(tiny_vision_config("siglip"))
     proj = Projector(ProjectorConfig(vision_dim=enc.hidden_size, hidden_size=64, pool=2))

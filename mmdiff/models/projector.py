@@ -11,6 +11,13 @@ projector's parameter count does not depend on it -- except ``pool_mode="concat"
 (space-to-depth, InternVL's / Idefics3's pixel shuffle): each output token is the concatenation
 of its k x k patches' features (D_v * k^2 wide), so fewer tokens lose no detail; the MLP's input
 grows accordingly.
+
+``pool_stride`` below ``pool`` makes the windows overlap (a k x k window every ``pool_stride``
+patches, like a strided convolution's receptive fields; Honeybee's and MobileVLM's projectors also
+mix neighbouring patches): with ``pool=2, pool_stride=1, pool_mode="concat"`` a 4x4 grid becomes 3x3
+tokens, each the concatenation of a 2x2 neighbourhood -- on a 32-px Shapes scene with 8-px patches,
+token k holds every patch that overlaps grid cell k (cells are 10.7 px and never fall on the
+patch grid), so one token carries one object's fragments together.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class ProjectorConfig:
     kind: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
     pool: int = 1  # 1 = no pooling; k = k x k average pool (grid side must be divisible by k)
     pool_mode: Literal["avg", "max", "concat"] = "avg"
+    pool_stride: int = 0  # 0 = pool (windows side by side); 1 <= stride < pool: overlapping windows
     num_prefix_tokens: int = 0  # leading tokens (CLS) excluded from pooling
     # A learned embedding per output token position, added to the projected features.  With RoPE
     # only, an image token's *value* carries no position, so "where is the red circle?" can only
@@ -67,6 +75,8 @@ class ProjectorConfig:
         if self.pool_mode == "concat" and self.pool > 1 and self.num_prefix_tokens:
             raise ValueError("pool_mode 'concat' cannot widen prefix (CLS) tokens; use select='patch' "
                              "or another pool_mode")
+        if self.pool_stride < 0 or self.pool_stride > self.pool:
+            raise ValueError(f"pool_stride must be 0 (= pool) or 1..pool={self.pool}, got {self.pool_stride}")
         if self.num_prefix_tokens < 0:
             raise ValueError("num_prefix_tokens must be >= 0")
         if self.output_rms < 0:
@@ -82,9 +92,15 @@ class ProjectorConfig:
             raise ValueError(f"{grid} patch tokens do not form a square grid")
         if self.pool == 1:
             return num_input_tokens
-        if side % self.pool:
-            raise ValueError(f"grid side {side} is not divisible by pool={self.pool}")
-        return self.num_prefix_tokens + (side // self.pool) ** 2
+        stride = self.stride
+        if side < self.pool or (side - self.pool) % stride:
+            raise ValueError(f"grid side {side} is not covered by windows of pool={self.pool} every "
+                             f"{stride} patches ((side - pool) must be a multiple of the stride)")
+        return self.num_prefix_tokens + ((side - self.pool) // stride + 1) ** 2
+
+    @property
+    def stride(self) -> int:
+        return self.pool_stride or self.pool
 
 
 class Projector(nn.Module):
@@ -114,8 +130,8 @@ class Projector(nn.Module):
             self.position = nn.Parameter(torch.randn(config.num_tokens, config.hidden_size) * scale)
 
     def pool_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, prefix + s*s, D_v) -> (N, prefix + (s/k)^2, D_v) (D_v * k^2 for ``concat``),
-        row-major grid order kept."""
+        """(N, prefix + s*s, D_v) -> (N, prefix + s'^2, D_v) (D_v * k^2 for ``concat``), s' = (s - k) / stride + 1
+        (s / k side by side), row-major grid order kept."""
         k = self.config.pool
         if k == 1:
             return features
@@ -125,12 +141,15 @@ class Projector(nn.Module):
         self.config.num_output_tokens(features.shape[1])  # validates the grid
         side = math.isqrt(p)
         x = grid.transpose(1, 2).reshape(n, d, side, side)  # (N, D_v, s, s)
-        mode = self.config.pool_mode
+        mode, stride = self.config.pool_mode, self.config.stride
         if mode == "concat":
-            x = F.pixel_unshuffle(x, k)  # (N, D_v*k*k, s/k, s/k): channel c*k*k + i*k + j = patch (i, j), feature c
+            # (N, D_v*k*k, s'^2): channel c*k*k + i*k + j = window patch (i, j), feature c (= pixel_unshuffle's
+            # order when the windows do not overlap)
+            x = F.unfold(x, kernel_size=k, stride=stride)
         else:
-            x = F.avg_pool2d(x, k) if mode == "avg" else F.max_pool2d(x, k)  # (N, D_v, s/k, s/k)
-        x = x.flatten(2).transpose(1, 2)  # (N, (s/k)^2, D_v or D_v*k*k)
+            x = F.avg_pool2d(x, k, stride) if mode == "avg" else F.max_pool2d(x, k, stride)  # (N, D_v, s', s')
+            x = x.flatten(2)
+        x = x.transpose(1, 2)  # (N, s'^2, D_v or D_v*k*k)
         return torch.cat([prefix, x], dim=1) if n_pre else x
 
     WHITEN_EPS = 1e-2
