@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _stages(out: Path, root: Path, steps: int) -> list[dict]:
@@ -71,6 +72,8 @@ def run_plan(out: Path, root: Path, steps: int, processes: int) -> float:
 
 
 def main() -> None:
+    from common import machine_info
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quickstart", required=True, help="a quickstart output folder with stages 01-05 finished")
     p.add_argument("--steps", type=int, default=40, help="steps per stage")
@@ -92,7 +95,8 @@ def main() -> None:
     result = {"steps_per_stage": a.steps, "stages": 4, "processes": a.processes, "repeats": a.repeats,
               "separate_s": [round(t, 2) for t in separate], "plan_s": [round(t, 2) for t in plan],
               "separate_median_s": round(ms, 2), "plan_median_s": round(mp, 2), "ratio": round(ms / mp, 3),
-              "saved_per_stage_s": round((ms - mp) / 3, 2)}  # three launches fewer
+              "saved_per_stage_s": round((ms - mp) / 3, 2),  # three launches fewer
+              "machine": machine_info(matmul=False)}
     if a.json:
         print(json.dumps(result))
     else:
