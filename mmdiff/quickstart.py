@@ -385,7 +385,6 @@ def run_unified_plan(out: Path, stages: list[tuple[str, Path, list[str]]], proce
     An interrupted launch resumes: the plan skips the stages it finished and resumes the next one
     from its checkpoints.
     """
-    from mmdiff.training.recipe import load_recipe
     from mmdiff.training.sequence import DONE_FILE, load_plan
 
     results: dict[str, dict] = {}
@@ -415,9 +414,9 @@ def run_unified_plan(out: Path, stages: list[tuple[str, Path, list[str]]], proce
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "mmdiff.cli", "train", "--plan", str(plan_file)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        done = subprocess.run(cmd, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"training {names} in {processes} processes failed (exit code {done.returncode}); "
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"training {names} in {processes} processes failed (exit code {proc.returncode}); "
                                "re-run to resume from the last stage's checkpoint")
     else:
         from mmdiff.training.sequence import run_plan
