@@ -67,6 +67,10 @@ def test_plan_equals_the_stages_run_one_by_one_and_a_rerun_skips_them(tiny_world
     again = run_plan(load_plan(stages))
     assert [s["skipped"] for s in again["stages"]] == [True, True]
     assert mtimes == [os.stat(tmp_path / "plan" / n / "model" / "model.safetensors").st_mtime_ns for n in "ab"]
+    # a finished stage whose recipe changed since is refused, not reused
+    changed = [stages[0], {**stages[1], "overrides": [*stages[1]["overrides"], "train.lr=1e-2"]}]
+    with pytest.raises(ValueError, match=r"plan stage 1: .* finished with another recipe"):
+        run_plan(load_plan(changed))
 
 
 def test_plan_resumes_after_a_stage_was_lost(tiny_world, tmp_path):

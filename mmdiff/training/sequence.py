@@ -3,8 +3,8 @@
 LLaVA-style staging is one recipe per stage, each starting from the model of the one before
 (``train.init_from``).  Run as separate ``mmdiff train`` launches, every stage pays the start-up
 again: the Python imports, the ``torchrun`` rendezvous, the vision tower and the data pipeline's
-shuffle buffer -- ~17 s per stage on two CPU cores, more than a minute over the quickstart's four
-data-parallel stages (BENCHMARKS.md, session 17).  A plan pays it once:
+shuffle buffer -- ~17 s per launch on two CPU cores, ~50 s of the quickstart's four data-parallel
+stages (BENCHMARKS.md, session 17).  A plan pays it once:
 
     # plan.yaml
     stages:
@@ -19,7 +19,8 @@ Every stage's recipe is loaded and validated before any stage trains; a path tha
 yet is accepted only when an earlier stage of the plan writes it (it lies under that stage's
 ``train.output_dir``).  Each stage that finishes writes ``<output_dir>/stage_done.json`` (atomically,
 with its step, loss and wall time); a re-run skips those stages and resumes the first unfinished one
-from its own checkpoints.
+from its own checkpoints; a finished stage whose recipe (file or overrides) has changed since is
+refused, not silently reused.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ class PlanStage:
     @property
     def output_dir(self) -> Path:
         return Path(self.recipe.train.output_dir)
+
+    @property
+    def digest(self) -> str:
+        """Hash of the resolved recipe (file + overrides): a finished stage is reused only when it matches."""
+        import hashlib
+
+        from mmdiff.config import to_dict
+
+        return hashlib.sha256(json.dumps(to_dict(self.recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_plan_file(path: str | Path) -> list[dict]:
@@ -125,7 +135,12 @@ def run_plan(plan: list[PlanStage], log: Callable[[str], None] | None = None) ->
     for i, stage in enumerate(plan):
         done = stage.output_dir / DONE_FILE
         if done.is_file():
-            results.append({**json.loads(done.read_text()), "skipped": True})
+            finished = json.loads(done.read_text())
+            if finished.get("recipe_digest") not in (None, stage.digest):
+                raise ValueError(f"plan stage {i}: {stage.output_dir} was finished with another recipe ({stage.config} "
+                                 "or its overrides changed since); delete that folder to train it again, or restore "
+                                 "the recipe it was made with")
+            results.append({**finished, "skipped": True})
             if log:
                 log(f"plan stage {i} ({stage.output_dir}): finished earlier, skipped")
             continue
@@ -133,7 +148,8 @@ def run_plan(plan: list[PlanStage], log: Callable[[str], None] | None = None) ->
             log(f"plan stage {i} ({stage.output_dir}): training ...")
         start = time.perf_counter()
         r = run_recipe(stage.recipe)
-        r = {**r, "config": stage.config, "wall_seconds": round(time.perf_counter() - start, 2)}
+        r = {**r, "config": stage.config, "recipe_digest": stage.digest,
+             "wall_seconds": round(time.perf_counter() - start, 2)}
         if PartialState().is_main_process:
             _write_atomic(done, r)
         PartialState().wait_for_everyone()
