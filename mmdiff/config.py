@@ -235,3 +235,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def save_config(obj: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def write_json_atomic(path: str | Path, obj: Any, allow_nan: bool = True) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a reader never sees half a file."""
+    import json
+
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str, allow_nan=allow_nan) + "\n")
+    tmp.replace(path)

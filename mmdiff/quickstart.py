@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mmdiff.config import write_json_atomic
+
 __all__ = ["QuickstartSizes", "TARGETS", "run_quickstart", "run_stage"]
 
 
@@ -121,6 +123,9 @@ T2I_RECIPE = REPO / "train" / "configs" / "quickstart-t2i.yaml"
 MIX_RECIPE = REPO / "train" / "configs" / "quickstart-mix.yaml"
 # one code per grid cell: exact on test in its 3 minutes, a t2i row of 9 codes instead of 256 (the
 # 2x2-patch tokenizer, vq-shapes.yaml, also codes held-out pairs; BENCHMARKS.md, session 11)
+# the data-parallel stages, each from the model of the one before, run as one plan: (stage, recipe, its steps)
+UNIFIED_PLAN = [("06-unified-captions", CAPTION_RECIPE, "caption_steps"), ("07-unified-stage2", STAGE2_RECIPE, "stage2_steps"),
+                ("08-unified-t2i", T2I_RECIPE, "t2i_steps"), ("09-unified-mix", MIX_RECIPE, "mix_steps")]
 VQ_CONFIG = REPO / "tokenizers" / "configs" / "vq-shapes-cells.yaml"
 VISION_CONFIG = REPO / "train" / "configs" / "vision-siglip-shapes.yaml"
 
@@ -208,10 +213,8 @@ def _write_marker(out: Path, name: str, result: dict, want: dict | None) -> dict
     result = dict(result)
     if want is not None:
         result["settings"] = want
-    marker = out / name / "stage.json"
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_swap_out(json.loads(json.dumps(result, default=str)), str(out), OUT_TOKEN), indent=1))
-    tmp.replace(marker)
+    write_json_atomic(out / name / "stage.json",
+                      _swap_out(json.loads(json.dumps(result, default=str)), str(out), OUT_TOKEN))
     _log(f"{name}: finished in {result['wall_seconds']:.1f} s")
     return _read_marker(out, name)
 
@@ -692,11 +695,8 @@ def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dic
     # data-parallel stages, each from the model of the one before: captions, stage 2, t2i only, rehearsal;
     # one launch for all four
     model_dir, plan = st1["model_dir"], []
-    for name, recipe, steps in [("06-unified-captions", CAPTION_RECIPE, sizes.caption_steps),
-                                ("07-unified-stage2", STAGE2_RECIPE, sizes.stage2_steps),
-                                ("08-unified-t2i", T2I_RECIPE, sizes.t2i_steps),
-                                ("09-unified-mix", MIX_RECIPE, sizes.mix_steps)]:
-        plan.append((name, recipe, _continue_from(model_dir, steps, common)))
+    for name, recipe, steps in UNIFIED_PLAN:
+        plan.append((name, recipe, _continue_from(model_dir, getattr(sizes, steps), common)))
         model_dir = str(out / name / "run" / "model")
     stages.update(run_unified_plan(out, plan, sizes.processes))
     model_dir = stages["09-unified-mix"]["model_dir"]

@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from mmdiff.config import ConfigError, from_dict, load_yaml, parse_overrides, to_dict
+from mmdiff.config import ConfigError, from_dict, load_yaml, parse_overrides, to_dict, write_json_atomic
 from mmdiff.evaluation.tasks import TASKS, EvalItem, TaskContext, batch_seed, get_task
 from mmdiff.sampling import SamplerConfig
 
@@ -243,9 +243,7 @@ def read_predictions(path: str | Path) -> list[dict]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str, allow_nan=False) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, obj, allow_nan=False)
 
 
 def _rank_files(out: Path) -> list[Path]:

@@ -30,8 +30,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+from mmdiff.config import write_json_atomic
 from mmdiff.training.recipe import Recipe, _is_under, load_recipe
 
 __all__ = ["PlanStage", "DONE_FILE", "load_plan", "read_plan_file", "run_plan"]
@@ -42,8 +43,7 @@ DONE_FILE = "stage_done.json"
 @dataclass
 class PlanStage:
     config: str
-    overrides: list[str]
-    recipe: Recipe
+    recipe: Recipe  # the config file with the stage's overrides, validated
 
     @property
     def output_dir(self) -> Path:
@@ -109,14 +109,8 @@ def load_plan(stages: list[dict]) -> list[PlanStage]:
                 raise FileNotFoundError(f"{where}: {key} does not exist and no earlier stage writes it: {value}")
         if any(Path(r.train.output_dir).resolve() == m.resolve() for m in made):
             raise ValueError(f"{where}: train.output_dir {r.train.output_dir} is already an earlier stage's")
-        plan.append(PlanStage(s["config"], list(s.get("overrides") or []), r))
+        plan.append(PlanStage(s["config"], r))
     return plan
-
-
-def _write_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def run_plan(plan: list[PlanStage], log: Callable[[str], None] | None = None) -> dict:
@@ -129,7 +123,9 @@ def run_plan(plan: list[PlanStage], log: Callable[[str], None] | None = None) ->
 
     from mmdiff.training.recipe import run_recipe
 
-    if int(os.environ.get("RANK", "0")) != 0:  # one line per stage, not one per process
+    # one line per stage, not one per process.  (Not PartialState here: created before the trainer's
+    # Accelerator(cpu=True), it would set up a non-distributed state on a CPU-only torchrun launch.)
+    if int(os.environ.get("RANK", "0")) != 0:
         log = None
     results = []
     for i, stage in enumerate(plan):
@@ -151,7 +147,7 @@ def run_plan(plan: list[PlanStage], log: Callable[[str], None] | None = None) ->
         r = {**r, "config": stage.config, "recipe_digest": stage.digest,
              "wall_seconds": round(time.perf_counter() - start, 2)}
         if PartialState().is_main_process:
-            _write_atomic(done, r)
+            write_json_atomic(done, r)
         PartialState().wait_for_everyone()
         results.append({**r, "skipped": False})
     return {**results[-1], "stages": results}
