@@ -31,19 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _stages(out: Path, root: Path, steps: int) -> list[dict]:
-    from mmdiff.quickstart import CAPTION_RECIPE, MIX_RECIPE, STAGE2_RECIPE, T2I_RECIPE, _read_marker
+    """The quickstart's plan (its stage table and overrides), ``steps`` each, into ``root``."""
+    from mmdiff.quickstart import UNIFIED_PLAN, _continue_from, _read_marker
 
     s1 = _read_marker(out, "05-unified-stage1")
     common = [o for o in s1["overrides"] if o.split("=", 1)[0] in
               ("model.vq", "model.vision.path", "data.shards", "train.batch_size", "train.seed", "data.seed")]
     model, stages = s1["model_dir"], []
-    for name, recipe in [("captions", CAPTION_RECIPE), ("stage2", STAGE2_RECIPE), ("t2i", T2I_RECIPE),
-                         ("mix", MIX_RECIPE)]:
+    for name, recipe, _ in UNIFIED_PLAN:
         run = root / name
         stages.append({"config": str(recipe), "overrides": [
-            f"model.size={model}", f"model.tokenizer={model}", f"train.init_from={model}", f"train.max_steps={steps}",
-            *common, f"train.output_dir={run}", "train.save_every=0", "train.progress=false",
-            "train.ddp_find_unused_parameters=true"]})
+            *_continue_from(model, steps, common), f"train.output_dir={run}", "train.save_every=0",
+            "train.progress=false", "train.ddp_find_unused_parameters=true"]})
         model = str(run / "model")
     return stages
 
