@@ -20,6 +20,7 @@ from PIL import Image
 
 from mmdiff.config import ConfigError, from_dict
 from mmdiff.data.pipeline import (
+    DataSource,
     ImageTransform,
     PipelineConfig,
     TextEncoder,
@@ -275,6 +276,85 @@ def test_max_caption_words_keeps_only_short_caption_samples(tmp_path):
     assert sorted(keys_of(build_dataloader(cfg_for(tmp_path), simple_encode, pad_id=0))) == keys  # 0 = all
     with pytest.raises(ValueError, match="max_caption_words"):
         PipelineConfig(shards=["x"], max_caption_words=-1).validate()
+
+
+def _two_object_shards(out: Path, n: int = 24, per_shard: int = 4) -> tuple[list[str], set[str]]:
+    """Shards where every third scene has one object (a short caption) and the rest two."""
+    keys, short = [], set()
+    with ShardWriter(out, prefix="m", max_count=per_shard) as w:
+        for i in range(n):
+            rec = record(i)
+            if i % 3:
+                rec["caption"] = rec["captions"][0] = rec["caption"] + " and a large blue square at the bottom"
+            else:
+                short.add(f"m{i:05d}")
+            w.write(f"m{i:05d}", {"png": png(), "txt": rec["caption"], "json": rec})
+            keys.append(f"m{i:05d}")
+    return keys, short
+
+
+def test_a_source_mixes_its_own_tasks_and_samples_in_by_weight(tmp_path):
+    # the main stream asks questions about every scene; a source over the same shards adds the
+    # captions of the one-object scenes, one for every two main samples
+    keys, short = _two_object_shards(tmp_path)
+    src = DataSource(shards=[str(tmp_path)], weight=0.5, task_weights={"caption": 1.0}, max_caption_words=8)
+    cfg = cfg_for(tmp_path, resampled=True, task_weights={"vqa": 1.0}, sources=[src])
+    it = iter(build_dataloader(cfg, simple_encode, pad_id=0))
+    seen = Counter()
+    for _ in range(150):
+        b = next(it)
+        for k, t in zip(b["keys"], b["tasks"]):
+            seen[t] += 1
+            if t == "caption":
+                assert k in short  # the source's filter, not the main stream's
+    assert set(seen) == {"vqa", "caption"}
+    assert 0.27 < seen["caption"] / sum(seen.values()) < 0.40, seen  # 0.5 / 1.5 = 1/3
+    again = iter(build_dataloader(cfg, simple_encode, pad_id=0))
+    first = [next(again)["keys"] for _ in range(10)]
+    it = iter(build_dataloader(cfg, simple_encode, pad_id=0))
+    assert [next(it)["keys"] for _ in range(10)] == first  # deterministic
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_finite_pass_with_a_source_reads_the_main_stream_exactly_once(tmp_path, workers):
+    keys, short = _two_object_shards(tmp_path)
+    src = DataSource(shards=[str(tmp_path)], weight=1.0, task_weights={"caption": 1.0}, max_caption_words=8)
+    cfg = cfg_for(tmp_path, task_weights={"vqa": 1.0}, sources=[src], num_workers=workers)
+    rows = [(k, t) for b in build_dataloader(cfg, simple_encode, pad_id=0) for k, t in zip(b["keys"], b["tasks"])]
+    assert Counter(k for k, t in rows if t == "vqa") == Counter(keys)  # the pass is the main stream's
+    from_source = [k for k, t in rows if t == "caption"]
+    assert from_source and set(from_source) <= short and len(from_source) == len(set(from_source))
+
+
+def test_shared_task_order_draws_batches_by_the_mixed_stream(tmp_path):
+    # the main stream has no captions: with the source they are a third of the samples, and the
+    # shared task order must draw caption batches that often instead of by the main task weights
+    _two_object_shards(tmp_path)
+    src = DataSource(shards=[str(tmp_path)], weight=0.5, task_weights={"caption": 1.0})
+    cfg = cfg_for(tmp_path, resampled=True, group_by_task=True, task_order="shared",
+                  task_weights={"vqa": 1.0, "describe": 1.0}, sources=[src])
+    assert cfg.stream_task_weights() == pytest.approx({"vqa": 0.5, "describe": 0.5, "caption": 0.5})
+    assert cfg_for(tmp_path, task_weights={"vqa": 2.0}).stream_task_weights() == {"vqa": 2.0}
+    it = iter(build_dataloader(cfg, simple_encode, pad_id=0))
+    tasks = Counter(next(it)["tasks"][0] for _ in range(150))
+    assert 0.23 < tasks["caption"] / 150 < 0.45, tasks
+
+
+def test_data_source_config_checks(tmp_path):
+    for bad, match in [({"shards": []}, "sources\\[0\\].shards"), ({"shards": ["x"], "weight": 0}, "weight must be a positive"),
+                       ({"shards": ["x"], "task_weights": {"poem": 1.0}}, "unknown task"),
+                       ({"shards": ["x"], "max_caption_words": -1}, "max_caption_words")]:
+        with pytest.raises(ValueError, match=match):
+            PipelineConfig(shards=["x"], sources=[DataSource(**bad)]).validate()
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.weight"):
+        from_dict(PipelineConfig, {"shards": ["x"], "sources": [{"shards": ["y"], "weight": -1.0}]})
+    with pytest.raises(ConfigError, match=r"unknown key 'sources\[0\]\.weights'"):
+        from_dict(PipelineConfig, {"shards": ["x"], "sources": [{"shards": ["y"], "weights": 1.0}]})
+    write_shards(tmp_path / "few", 4, 4, prefix="f")  # one shard: too few for 2 finite-mode ranks
+    write_shards(tmp_path / "many", 8, 2, prefix="g")
+    cfg = cfg_for(tmp_path / "many", sources=[DataSource(shards=[str(tmp_path / "few")])])
+    with pytest.raises(ValueError, match=r"sources\[0\]\.shards: 1 shard\(s\) for 2 rank"):
+        build_dataset(cfg, simple_encode, pad_id=0, rank=0, world_size=2)
 
 
 def test_qa_type_weights_set_how_often_each_question_type_is_asked():

@@ -40,6 +40,10 @@ def test_bad_recipes_refused_before_work(tiny_world, tmp_path):
         load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "objective.task_min_mask_ratio={qa: 1.0}"))
     with pytest.raises(ConfigError, match="max_caption_words must be an integer >= 0"):
         load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.max_caption_words=-3"))
+    with pytest.raises(FileNotFoundError, match="path does not exist: /nope-source"):
+        load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "data.sources=[{shards: [/nope-source], weight: 0.5}]"))
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].weight must be a positive number"):
+        load_recipe(DEBUG, _overrides(tiny_world, tmp_path, f"data.sources=[{{shards: [{tiny_world['train']}], weight: 0}}]"))
     assert not any(tmp_path.iterdir())  # nothing was written
     # task loss weights by task name need no task_names list: the recipe fills in every task
     r = load_recipe(DEBUG, _overrides(tiny_world, tmp_path, "objective.task_weights={vqa: 2.0}"))
@@ -64,6 +68,18 @@ def test_train_resume_and_export(tiny_world, tmp_path, capsys):
     b = load_bundle(res2["model_dir"])
     assert b.model.num_image_tokens == b.processor.cfg.num_image_tokens > 0
     assert b.processor.vocab_size == b.model.backbone.config.vocab_size
+
+
+def test_data_sources_reach_the_training_stream(tiny_world, tmp_path):
+    from mmdiff.training.recipe import PipelineSource, build_components
+
+    recipe = load_recipe(DEBUG, _overrides(
+        tiny_world, tmp_path, "data.task_weights={caption: 0.0, vqa: 1.0, describe: 0.0, text: 0.0}",
+        f"data.sources=[{{shards: [{tiny_world['train']}], weight: 1.0, task_weights: {{describe: 1.0}}}}]"))
+    source = PipelineSource(recipe, build_components(recipe).encoder, micro_batch=2)
+    it = iter(source._factory(rank=0, world_size=1, epoch=0))
+    tasks = {t for _ in range(20) for t in next(it)["tasks"]}
+    assert tasks == {"vqa", "describe"}
 
 
 def test_task_batch_sizes_are_global_and_split_like_batch_size(tiny_world, tmp_path):

@@ -55,6 +55,13 @@ Design notes
   (e.g. 48 one-question VQA rows of ~70 tokens cost about what 16 of ~280-token t2i rows do);
   ``task_weights`` stay *sample* proportions: with ``task_order="shared"`` a task's batches are
   drawn with probability proportional to weight / batch size.
+* **Sources** (``sources``: ``DataSource`` list) are further streams, each with its own shards,
+  task mixture and caption filter, built as the main stream up to the task examples and
+  interleaved with it at random by weight (a source supplies ``weight`` samples per main-stream
+  sample; seeded by seed, epoch, rank and worker; each source draws with a seed of its own).  A
+  finite pass ends with the main stream, which is read exactly once as without sources.  With
+  ``task_order="shared"`` batches are drawn by ``stream_task_weights()``, the mixed stream's
+  expected task shares.
 * Extra (non-tensor) batch entries: ``keys`` and ``tasks`` (lists of str, one per example, in
   batch order = row-major, segment order).  ``pixel_values`` holds the input images of the
   examples that have image slots, in that order; ``target_pixel_values`` the target images of
@@ -83,6 +90,7 @@ from mmdiff.data.tasks import IMAGE_TARGET_TASKS, TASK_IDS, TASKS, TaskExample, 
 
 __all__ = [
     "PipelineConfig",
+    "DataSource",
     "ImageTransform",
     "TextEncoder",
     "ExampleTooLong",
@@ -111,6 +119,34 @@ DEFAULT_TASK_PROMPTS: dict[str, str] = {
 
 
 # ----------------------------------------------------------------------------------- config
+@dataclass
+class DataSource:
+    """A second stream of samples mixed into the main one (``PipelineConfig.sources``).
+
+    It reads its own ``shards`` (they may be the main stream's) with its own task mixture and
+    caption-length filter, and supplies ``weight`` samples for every sample of the main stream
+    (e.g. the captions of one-object scenes kept in the batches while the instruction tasks
+    train on every scene -- LLaVA-style dataset mixing).  Empty ``task_weights``: the main
+    stream's.  Shuffle, caption/prompt choice and batching are the main stream's.
+    """
+
+    shards: list[str] = field(default_factory=list)
+    weight: float = 1.0
+    task_weights: dict[str, float] = field(default_factory=dict)
+    max_caption_words: int = 0  # only samples whose canonical caption has at most this many words (0 = all)
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise ValueError("shards: a data source needs at least one shard directory or .tar file")
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
+            raise ValueError(f"weight must be a positive number (samples per sample of the main stream), got {w!r}")
+        if not isinstance(self.max_caption_words, int) or self.max_caption_words < 0:
+            raise ValueError(f"max_caption_words must be an integer >= 0 (0 = all samples), got {self.max_caption_words!r}")
+        if self.task_weights:
+            TaskMixture(self.task_weights)  # ValueError naming a bad task or weight
+
+
 @dataclass
 class PipelineConfig:
     """Everything the data pipeline needs; see the module docstring for the semantics."""
@@ -142,6 +178,8 @@ class PipelineConfig:
     # curriculum: only samples whose canonical (first) caption has at most this many words are
     # used (0 = all); samples without a caption pass.  Skipped samples are good data, not bad ones.
     max_caption_words: int = 0
+    # further streams mixed into this one, each with its own shards, task mixture and filter
+    sources: list[DataSource] = field(default_factory=list)
     # sequences and batching
     max_length: int = 256
     pad_to: Literal["longest", "max_length"] = "longest"
@@ -178,6 +216,13 @@ class PipelineConfig:
             raise ValueError(f"max_image_side must be >= 1, got {self.max_image_side}")
         TaskMixture(self.task_weights, self.seed, self.caption_choice, self.qa_type_weights,
                     self.prompt_choice)  # ValueError naming a bad task/weight/choice
+        for i, src in enumerate(self.sources):
+            if not isinstance(src, DataSource):
+                raise ValueError(f"sources[{i}] must be a DataSource, got {type(src).__name__}")
+            try:
+                src.validate()
+            except ValueError as e:
+                raise ValueError(f"sources[{i}].{e}") from None
         if self.task_order not in ("stream", "shared"):
             raise ValueError(f"task_order must be 'stream' or 'shared', got {self.task_order!r}")
         if self.task_order == "shared" and (not self.group_by_task or self.packing):
@@ -191,6 +236,30 @@ class PipelineConfig:
             bad = {t: n for t, n in self.task_batch_sizes.items() if not isinstance(n, int) or n < 1}
             if bad:
                 raise ValueError(f"task_batch_sizes must be integers >= 1, got {bad}")
+
+    def stream_task_weights(self) -> dict[str, float]:
+        """Each task's expected share of the examples of the mixed stream: the main stream's task
+        weights (normalised) plus every source's, scaled by the source's weight.  Without sources,
+        ``task_weights`` itself.  The shared task order draws batches by these."""
+        if not self.sources:
+            return dict(self.task_weights)
+        out: Counter = Counter()
+        for weights, share in [(self.task_weights, 1.0),
+                               *((s.task_weights or self.task_weights, s.weight) for s in self.sources)]:
+            total = sum(w for w in weights.values() if w > 0)
+            for t, w in weights.items():
+                if w > 0:
+                    out[t] += share * w / total
+        return dict(out)
+
+    def source_config(self, i: int) -> "PipelineConfig":
+        """The configuration the ``i``-th source's stages read: its shards, task weights and
+        filter, and a seed of its own (a source over the main stream's shards draws other samples)."""
+        src = self.sources[i]
+        return dataclasses.replace(self, shards=list(src.shards), sources=[],
+                                   task_weights=dict(src.task_weights or self.task_weights),
+                                   max_caption_words=src.max_caption_words,
+                                   seed=_seed("source", self.seed, i) % (2 ** 31))
 
     def batch_size_for(self, task: str | None) -> int:
         """Rows per batch for ``task`` (``task_batch_sizes``, else ``batch_size``)."""
@@ -483,6 +552,56 @@ class _State:
         return d if (d["good"] or d["bad"]) else None
 
 
+class _SourceState:
+    """A data source's view of the pipeline state: its own config; the pipeline's epoch, rank,
+    world size and bad-sample stats (``set_epoch`` reaches it, its rejects are counted with the rest)."""
+
+    def __init__(self, parent: _State, cfg: PipelineConfig):
+        self.parent, self.cfg = parent, cfg
+
+    def __getattr__(self, name: str):
+        if name in ("parent", "cfg"):  # not set yet (unpickling in a DataLoader worker)
+            raise AttributeError(name)
+        return getattr(self.parent, name)
+
+
+class _MixedSources:
+    """First stage when ``cfg.sources`` is set: the task examples of the main stream and of each
+    source, interleaved at random in proportion to their weights (seeded by seed, epoch, rank and
+    worker).  A finite pass ends with the main stream; a source that runs out stops contributing."""
+
+    def __init__(self, state: _State, chains: list[Callable[[], Iterator]], weights: list[float]):
+        self.state, self.chains, self.weights = state, chains, weights
+
+    def __call__(self) -> Iterator[TaskExample]:
+        st = self.state
+        rng = random.Random(_seed("sources", st.cfg.seed, st.epoch, st.rank, _worker()[0]))
+        streams = [chain() for chain in self.chains]
+        live = list(range(len(streams)))
+        while True:
+            i = rng.choices(live, weights=[self.weights[j] for j in live], k=1)[0]
+            try:
+                yield next(streams[i])
+            except StopIteration:
+                if i == 0:
+                    return
+                live.remove(i)
+
+
+class _Chain:
+    """Shard list -> task examples for one stream (the stages before the image transform)."""
+
+    def __init__(self, urls: list[str], state):
+        self.urls, self.state = urls, state
+
+    def __call__(self) -> Iterator[TaskExample]:
+        st = self.state
+        it = (_Resampled if st.cfg.resampled else _ShardSource)(self.urls, st)()
+        for stage in (_ReadTars(st), _Shuffle(st), _Decode(st), _Tasks(st)):
+            it = stage(it)
+        return it
+
+
 class _ShardSource:
     """Finite mode: seeded shard shuffle -> split by rank -> split by DataLoader worker."""
 
@@ -696,7 +815,7 @@ class _Batch:
     def _shared(self, src: Iterable[dict]) -> Iterator[dict]:
         cfg, st = self.state.cfg, self.state
         size = cfg.batch_size_for
-        weights = {t: w for t, w in cfg.task_weights.items() if w > 0}
+        weights = {t: w for t, w in cfg.stream_task_weights().items() if w > 0}
         tasks = sorted(weights)
         draw = [weights[t] / size(t) for t in tasks]  # batches per task: sample share / rows per batch
         wid, _ = _worker()
@@ -809,15 +928,17 @@ def build_dataset(cfg: PipelineConfig, encode_fn: Callable | None = None, *, tok
     if not cfg.shards:
         raise ValueError("PipelineConfig.shards is empty: give shard directories or .tar files")
     urls = list_shards(cfg.shards)
+    source_urls = [list_shards(src.shards) for src in cfg.sources]
     rank, world_size = resolve_rank(rank, world_size)
     if not cfg.resampled:
         need = world_size * max(1, cfg.num_workers)
-        if len(urls) < need:
-            raise ValueError(
-                f"{len(urls)} shard(s) for {world_size} rank(s) x {max(1, cfg.num_workers)} "
-                f"DataLoader worker(s) = {need} readers: in finite mode every reader needs at least "
-                "one shard (no sample may be read twice or dropped); write more, smaller shards "
-                "or use fewer workers")
+        for name, found in [("shards", urls), *((f"sources[{i}].shards", u) for i, u in enumerate(source_urls))]:
+            if len(found) < need:
+                raise ValueError(
+                    f"{name}: {len(found)} shard(s) for {world_size} rank(s) x {max(1, cfg.num_workers)} "
+                    f"DataLoader worker(s) = {need} readers: in finite mode every reader needs at least "
+                    "one shard (no sample may be read twice or dropped); write more, smaller shards "
+                    "or use fewer workers")
     if encode_fn is None:
         if tokenizer is None:
             raise ValueError("build_dataset needs an encode_fn or a tokenizer (for the default TextEncoder)")
@@ -830,16 +951,15 @@ def build_dataset(cfg: PipelineConfig, encode_fn: Callable | None = None, *, tok
     state = _State(cfg=cfg, rank=rank, world_size=world_size, epoch=cfg.epoch,
                    stats=BadSampleStats(max_bad_fraction=cfg.max_bad_fraction,
                                         min_seen=cfg.min_seen_for_bad_check))
-    if cfg.resampled:
-        source = _Resampled(urls, state)
+    if cfg.sources:
+        chains = [_Chain(urls, state)] + [_Chain(u, _SourceState(state, cfg.source_config(i)))
+                                          for i, u in enumerate(source_urls)]
+        front = [_MixedSources(state, chains, [1.0] + [float(s.weight) for s in cfg.sources])]
     else:
-        source = _ShardSource(urls, state)
+        source = _Resampled(urls, state) if cfg.resampled else _ShardSource(urls, state)
+        front = [source, _ReadTars(state), _Shuffle(state), _Decode(state), _Tasks(state)]
     return MMDataset(
-        source,
-        _ReadTars(state),
-        _Shuffle(state),
-        _Decode(state),
-        _Tasks(state),
+        *front,
         _Transform(state, transform),
         _Encode(state, encode_fn),
         _Batch(state, pad_id),

@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from mmdiff.config import load_config
+from mmdiff.data.pipeline import DataSource
 from mmdiff.diffusion.objectives import TASK_KEYED, ObjectiveConfig, build_objective
 from mmdiff.models.projector import ProjectorConfig
 from mmdiff.models.unified import init_code_embeddings
@@ -97,6 +98,10 @@ class DataRecipe:
     # curriculum: train only on samples whose canonical caption has at most this many words (0 = all).
     # Shapes scenes with one object have captions of 7-8 words, with two at least 15
     max_caption_words: int = 0
+    # further streams mixed in, each {shards, weight, task_weights, max_caption_words}: ``weight``
+    # samples of it for every sample of the main stream (mmdiff.data.pipeline.DataSource), e.g. the
+    # captions of one-object scenes kept in the batches of an all-task stage
+    sources: list[DataSource] = field(default_factory=list)
     # with group_by_task: a task's own *global* batch size (train.batch_size for the others), e.g.
     # {vqa: 48}: short rows in bigger batches.  task_weights stay sample proportions.
     task_batch_sizes: dict[str, int] = field(default_factory=dict)
@@ -171,7 +176,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
     """
     overrides = [("train." + o if o.split("=", 1)[0].strip() == "output_dir" else o) for o in (overrides or [])]
     recipe = load_config(Recipe, path, overrides)
-    for p in [recipe.model.tokenizer, recipe.model.vq, *recipe.data.shards]:
+    for p in [recipe.model.tokenizer, recipe.model.vq, *recipe.data.shards,
+              *(s for src in recipe.data.sources for s in src.shards)]:
         if p and not Path(p).exists() and not any(_is_under(Path(p), Path(d)) for d in planned):
             raise FileNotFoundError(f"{path}: path does not exist: {p}")
     return recipe
@@ -503,6 +509,7 @@ class PipelineSource:
                              prompt_choice=d.prompt_choice,
                              qa_type_weights=dict(d.qa_type_weights),
                              max_caption_words=d.max_caption_words,
+                             sources=[dataclasses.replace(s) for s in d.sources],
                              task_batch_sizes=task_sizes)
         self._loader = build_dataloader(cfg, self.encoder, transform=_Identity(), pad_id=self.encoder.pad_id,
                                         rank=rank, world_size=world_size)
