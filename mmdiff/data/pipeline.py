@@ -123,7 +123,7 @@ DEFAULT_TASK_PROMPTS: dict[str, str] = {
 class DataSource:
     """A second stream of samples mixed into the main one (``PipelineConfig.sources``).
 
-    It reads its own ``shards`` (they may be the main stream's) with its own task mixture and
+    It reads its own ``shards`` (empty: the main stream's) with its own task mixture and
     caption-length filter, and supplies ``weight`` samples for every sample of the main stream
     (e.g. the captions of one-object scenes kept in the batches while the instruction tasks
     train on every scene -- LLaVA-style dataset mixing).  Empty ``task_weights``: the main
@@ -136,8 +136,6 @@ class DataSource:
     max_caption_words: int = 0  # only samples whose canonical caption has at most this many words (0 = all)
 
     def validate(self) -> None:
-        if not self.shards:
-            raise ValueError("shards: a data source needs at least one shard directory or .tar file")
         w = self.weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
             raise ValueError(f"weight must be a positive number (samples per sample of the main stream), got {w!r}")
@@ -256,7 +254,7 @@ class PipelineConfig:
         """The configuration the ``i``-th source's stages read: its shards, task weights and
         filter, and a seed of its own (a source over the main stream's shards draws other samples)."""
         src = self.sources[i]
-        return dataclasses.replace(self, shards=list(src.shards), sources=[],
+        return dataclasses.replace(self, shards=list(src.shards or self.shards), sources=[],
                                    task_weights=dict(src.task_weights or self.task_weights),
                                    max_caption_words=src.max_caption_words,
                                    seed=_seed("source", self.seed, i) % (2 ** 31))
@@ -928,7 +926,7 @@ def build_dataset(cfg: PipelineConfig, encode_fn: Callable | None = None, *, tok
     if not cfg.shards:
         raise ValueError("PipelineConfig.shards is empty: give shard directories or .tar files")
     urls = list_shards(cfg.shards)
-    source_urls = [list_shards(src.shards) for src in cfg.sources]
+    source_urls = [list_shards(src.shards) if src.shards else urls for src in cfg.sources]
     rank, world_size = resolve_rank(rank, world_size)
     if not cfg.resampled:
         need = world_size * max(1, cfg.num_workers)
