@@ -121,7 +121,7 @@ DEFAULT_TASK_PROMPTS: dict[str, str] = {
 # ----------------------------------------------------------------------------------- config
 @dataclass
 class DataSource:
-    """A second stream of samples mixed into the main one (``PipelineConfig.sources``).
+    """A further stream of samples mixed into the main one (``PipelineConfig.sources``).
 
     It reads its own ``shards`` (empty: the main stream's) with its own task mixture and
     caption-length filter, and supplies ``weight`` samples for every sample of the main stream

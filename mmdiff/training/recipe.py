@@ -100,8 +100,7 @@ class DataRecipe:
     max_caption_words: int = 0
     # further streams mixed in, each {shards, weight, task_weights, max_caption_words}: ``weight``
     # samples of it for every sample of the main stream (mmdiff.data.pipeline.DataSource; no shards:
-    # the main stream's), e.g. the
-    # captions of one-object scenes kept in the batches of an all-task stage
+    # the main stream's), e.g. the captions of one-object scenes kept in the batches of an all-task stage
     sources: list[DataSource] = field(default_factory=list)
     # with group_by_task: a task's own *global* batch size (train.batch_size for the others), e.g.
     # {vqa: 48}: short rows in bigger batches.  task_weights stay sample proportions.
