@@ -587,7 +587,8 @@ class _MixedSources:
 
 
 class _Chain:
-    """Shard list -> task examples for one stream (the stages before the image transform)."""
+    """Shard list -> task examples for one stream: shard source, tar read, shuffle, decode, task
+    mixture (the stages before the image transform)."""
 
     def __init__(self, urls: list[str], state):
         self.urls, self.state = urls, state
@@ -949,15 +950,12 @@ def build_dataset(cfg: PipelineConfig, encode_fn: Callable | None = None, *, tok
     state = _State(cfg=cfg, rank=rank, world_size=world_size, epoch=cfg.epoch,
                    stats=BadSampleStats(max_bad_fraction=cfg.max_bad_fraction,
                                         min_seen=cfg.min_seen_for_bad_check))
+    examples = _Chain(urls, state)  # shard list -> task examples
     if cfg.sources:
-        chains = [_Chain(urls, state)] + [_Chain(u, _SourceState(state, cfg.source_config(i)))
-                                          for i, u in enumerate(source_urls)]
-        front = [_MixedSources(state, chains, [1.0] + [float(s.weight) for s in cfg.sources])]
-    else:
-        source = _Resampled(urls, state) if cfg.resampled else _ShardSource(urls, state)
-        front = [source, _ReadTars(state), _Shuffle(state), _Decode(state), _Tasks(state)]
+        chains = [examples] + [_Chain(u, _SourceState(state, cfg.source_config(i))) for i, u in enumerate(source_urls)]
+        examples = _MixedSources(state, chains, [1.0] + [float(s.weight) for s in cfg.sources])
     return MMDataset(
-        *front,
+        examples,
         _Transform(state, transform),
         _Encode(state, encode_fn),
         _Batch(state, pad_id),
