@@ -15,6 +15,7 @@ All of this happens before any work starts, so a typo never costs a training run
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -239,8 +240,6 @@ def save_config(obj: Any, path: str | Path) -> None:
 
 def write_json_atomic(path: str | Path, obj: Any, allow_nan: bool = True) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a reader never sees half a file."""
-    import json
-
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str, allow_nan=allow_nan) + "\n")

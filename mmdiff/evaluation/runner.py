@@ -242,10 +242,6 @@ def read_predictions(path: str | Path) -> list[dict]:
     return rows
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    write_json_atomic(path, obj, allow_nan=False)
-
-
 def _rank_files(out: Path) -> list[Path]:
     return sorted(out.glob("predictions.rank*.jsonl"))
 
@@ -311,7 +307,7 @@ def _prepare_out(out: Path, identity: dict, digest: str, overwrite: bool) -> Non
                              "use another --out, or pass --overwrite")
     _merge_rank_files(out)
     _repair_jsonl(out / PREDICTIONS)
-    _write_json(state, {"hash": digest, "identity": identity})
+    write_json_atomic(state, {"hash": digest, "identity": identity}, allow_nan=False)
 
 
 # =============================================================================================
@@ -627,5 +623,5 @@ def _finish(t, out: Path, digest: str, ctx: TaskContext, settings: dict, counts:
     if task == "t2i":
         result["geneval_dir"] = str(out / "geneval")
     result = _clean(result)
-    _write_json(out / METRICS, result)
+    write_json_atomic(out / METRICS, result, allow_nan=False)
     return result

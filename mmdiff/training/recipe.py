@@ -509,7 +509,7 @@ class PipelineSource:
                              prompt_choice=d.prompt_choice,
                              qa_type_weights=dict(d.qa_type_weights),
                              max_caption_words=d.max_caption_words,
-                             sources=[dataclasses.replace(s) for s in d.sources],
+                             sources=list(d.sources),
                              task_batch_sizes=task_sizes)
         self._loader = build_dataloader(cfg, self.encoder, transform=_Identity(), pad_id=self.encoder.pad_id,
                                         rank=rank, world_size=world_size)

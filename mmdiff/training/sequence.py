@@ -25,6 +25,7 @@ refused, not silently reused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mmdiff.config import write_json_atomic
+from mmdiff.config import to_dict, write_json_atomic
 from mmdiff.training.recipe import Recipe, _is_under, load_recipe
 
 __all__ = ["PlanStage", "DONE_FILE", "load_plan", "read_plan_file", "run_plan"]
@@ -52,10 +53,6 @@ class PlanStage:
     @property
     def digest(self) -> str:
         """Hash of the resolved recipe (file + overrides): a finished stage is reused only when it matches."""
-        import hashlib
-
-        from mmdiff.config import to_dict
-
         return hashlib.sha256(json.dumps(to_dict(self.recipe), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
