@@ -11,6 +11,7 @@ Vocabulary of the unified model::
 Layouts (a chat template with role markers; ``P`` = vision placeholders, ``G`` = h*w codes)::
 
     understanding  [bos] <user> <img_start> <image>*P <img_end> prompt <assistant> | answer <eos>*
+                   with ``readout_codes``: <img_start> <image>*P | code*G | <img_end> (see below)
     text           [bos] <user> prompt <assistant> | text <eos>*
     t2i            [bos] <user> prompt <assistant> <img_start> | code*G | <img_end>
     inpaint        like t2i; given codes are part of the prompt, only the missing ones are targets
@@ -18,6 +19,14 @@ Layouts (a chat template with role markers; ``P`` = vision placeholders, ``G`` =
 ``|`` marks where the target begins.  Answers are padded with EOS up to the task's
 ``answer_length`` and the EOS padding is a target too (LLaDA SFT): the model learns to end.
 Vision placeholders are filled with projected encoder features and are never masked.
+
+``readout_codes`` (an auxiliary objective, in the spirit of reconstructive visual instruction
+tuning, ROSS): every image an understanding row reads is followed by G slots for its own VQ codes.
+In training they hold the codes and are targets that are always masked (the objective's
+``image_codes.readout_weight``): the language model learns to write, at the slot of each grid
+cell, what the vision tokens show there -- an explicit, position-bound reading of the image that
+the answer can attend to.  In generation they hold the mask id and are not generated (the answer
+never sees a code it was not shown in training).
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ class ProcessorConfig:
         default_factory=lambda: {"caption": 40, "vqa": 4, "describe": 40, "text": 40, "conversation": 64}
     )
     use_bos: bool = True
+    #: understanding rows carry G = h * w always-masked slots for the input image's VQ codes (above)
+    readout_codes: bool = False
 
     def validate(self) -> None:
         if self.num_image_tokens < 0:  # 0: the model has no vision encoder
@@ -60,6 +71,10 @@ class ProcessorConfig:
             raise ValueError(f"code_grid must be positive, got {self.code_grid}")
         if self.codebook_size < 0:  # 0: the model has no VQ tokenizer
             raise ValueError(f"codebook_size must be >= 0, got {self.codebook_size}")
+        if self.readout_codes and (self.codebook_size == 0 or self.num_image_tokens == 0):
+            raise ValueError("readout_codes needs a VQ tokenizer (codebook_size > 0) and a vision encoder "
+                             f"(num_image_tokens > 0); got codebook_size={self.codebook_size}, "
+                             f"num_image_tokens={self.num_image_tokens}")
         for task, n in self.answer_lengths.items():
             if task not in TASKS:
                 raise ValueError(f"answer_lengths: unknown task {task!r} (tasks: {', '.join(TASKS)})")
@@ -109,6 +124,12 @@ class MMProcessor:
     def pad_id(self) -> int:
         return self.ids["pad"]
 
+    @property
+    def num_readout_codes(self) -> int:
+        """Read-out code slots after an understanding row's image (0 without ``readout_codes``)."""
+        h, w = self.cfg.code_grid
+        return h * w if self.cfg.readout_codes else 0
+
     def code_to_id(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.long() + self.text_vocab_size
 
@@ -149,6 +170,8 @@ class MMProcessor:
             ids.append(self.ids["image_start"])
             offset = len(ids)
             ids += [self.ids["image"]] * self.cfg.num_image_tokens
+            if self.cfg.readout_codes:  # the read-out slots: masks here, codes written by _text_encoded
+                ids += [self.mask_id] * self.num_readout_codes
             ids.append(self.ids["image_end"])
         if not prompt and task in TASK_PROMPTS:
             prompt = TASK_PROMPTS[task]
@@ -183,6 +206,8 @@ class MMProcessor:
         ``pixel_values`` (3, H, W): the input image of an understanding task, already transformed
         for the vision encoder.  ``codes`` (h, w) long: the target image of t2i/inpaint.
         ``given_codes`` (h, w) bool: for inpainting, which codes are given (kept in the prompt).
+        With ``readout_codes``, ``codes`` of an understanding task are the input image's codes, the
+        read-out targets (None: the slots stay masked and are not targets).
         """
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r} (tasks: {', '.join(TASKS)})")
@@ -194,24 +219,41 @@ class MMProcessor:
                 raise ValueError(f"task {task!r} needs target image codes [key={key}]")
             return self._encode_image_gen(task, prompt, codes, given_codes, key)
         pids, offset = self._prompt_ids(task, prompt, has_image=task in UNDERSTANDING)
-        return self._text_encoded(task, pids, offset, self._answer_ids(task, target, None), pixel_values, key)
+        return self._text_encoded(task, pids, offset, self._answer_ids(task, target, None), pixel_values, key,
+                                  readout=codes if task in UNDERSTANDING else None)
 
     def _text_encoded(self, task: str, pids: list[int], offset: int, aids: list[int],
-                      pixel_values: torch.Tensor | None, key: str) -> Encoded:
-        """prompt ids + answer ids -> ``Encoded`` (answer = target; vision slots from ``offset``)."""
+                      pixel_values: torch.Tensor | None, key: str, readout: torch.Tensor | None = None) -> Encoded:
+        """prompt ids + answer ids -> ``Encoded`` (answer = target; vision slots from ``offset``;
+        ``readout`` (h, w): the image's codes written into its read-out slots, which become targets)."""
         ids = pids + aids
         self._check_length(ids, key)
         L = len(ids)
         target_mask = torch.zeros(L, dtype=torch.bool)
         target_mask[len(pids):] = True
         slots = torch.zeros(L, dtype=torch.bool)
+        code_mask = torch.zeros(L, dtype=torch.bool)
+        input_ids = torch.tensor(ids, dtype=torch.long)
         if offset >= 0:
             slots[offset: offset + self.cfg.num_image_tokens] = True
+            g = self.num_readout_codes
+            if g:
+                at = slice(offset + self.cfg.num_image_tokens, offset + self.cfg.num_image_tokens + g)
+                code_mask[at] = True
+                if readout is not None:
+                    if tuple(readout.shape) != tuple(self.cfg.code_grid):
+                        raise ValueError(f"read-out codes of shape {tuple(readout.shape)} != code_grid "
+                                         f"{tuple(self.cfg.code_grid)} [key={key}]")
+                    input_ids[at] = self.code_to_id(readout.reshape(-1))
+                    target_mask[at] = True
+        if readout is not None and not bool(code_mask.any()):
+            raise ValueError(f"read-out codes given, but this row has no read-out slots (an image and "
+                             f"readout_codes: true are needed) [key={key}]")
         return Encoded(
-            input_ids=torch.tensor(ids, dtype=torch.long),
+            input_ids=input_ids,
             target_mask=target_mask,
             image_slots=slots,
-            image_code_mask=torch.zeros(L, dtype=torch.bool),
+            image_code_mask=code_mask,
             task=task,
             pixel_values=pixel_values if task in UNDERSTANDING else None,
             key=key,

@@ -444,3 +444,65 @@ def test_weight_cap_clips_the_text_schedule_weight():
         diffusion(weight_cap=0.5)
     with pytest.raises(ValueError, match="weight_cap"):
         from_dict(ObjectiveConfig, {"weight_cap": 0.5}).validate()
+
+
+def readout_batch():
+    """make_batch() with image rows: rows 0 and 1 read an image (2 vision slots) followed by 3 read-out
+    code slots (targets); row 2 is a t2i-like row whose code targets are ordinary targets."""
+    b = make_batch()
+    slots = torch.zeros(3, 10, dtype=torch.bool)
+    codes = torch.zeros(3, 10, dtype=torch.bool)
+    slots[0, 0:2], codes[0, 2:4] = True, True  # row 0: 2 read-out codes before its answer 4:9
+    slots[1, 0:1] = True
+    b["target_mask"][1, 1] = False
+    codes[1, 2:5] = True  # row 1: targets 2:10, the first 3 of them read-out codes
+    codes[2, 6:8] = True  # row 2: no image, its code targets 6:8 are generated codes
+    b["target_mask"][0, 2:4] = True
+    b["image_slots"], b["image_code_mask"] = slots, codes
+    b["prompt_mask"] = b["attention_mask"] & ~b["target_mask"]
+    return b
+
+
+@pytest.mark.parametrize("normalize", ["token", "sequence", "batch"])
+def test_readout_codes_always_masked_and_an_added_mean(normalize):
+    batch = readout_batch()
+    readout = batch["image_code_mask"] & batch["target_mask"] & batch["image_slots"].any(-1, keepdim=True)
+    assert readout.sum() == 5
+    plain = dict(batch, target_mask=batch["target_mask"] & ~readout)  # the same rows, codes not targets
+    plain["input_ids"] = batch["input_ids"].masked_fill(readout, MASK)
+    for seed in range(4):
+        obj = diffusion(normalize=normalize, readout_weight=0.7)
+        out, model = run(obj, batch, seed)
+        seen = model.calls[-1]["input_ids"]
+        assert (seen[readout] == MASK).all()  # every draw, whatever t
+        assert not (out.supervised & readout).any()  # not among the row's own targets
+        ref, ref_model = run(diffusion(normalize=normalize), plain, seed)
+        assert torch.equal(seen, ref_model.calls[-1]["input_ids"])
+        logp = torch.log_softmax(model.table.detach()[:3].double(), -1)
+        r_mean = torch.zeros(3, dtype=torch.double)
+        for b in range(3):
+            pos = readout[b].nonzero().squeeze(-1).tolist()
+            if pos:
+                r_mean[b] = -sum(logp[b, i, batch["input_ids"][b, i]] for i in pos) / len(pos)
+        assert out.loss.item() == pytest.approx(ref.loss.item() + 0.7 * r_mean.mean().item(), rel=1e-5)
+        assert torch.allclose(out.per_sample_loss.double(), ref.per_sample_loss.double() + 0.7 * r_mean, atol=1e-5)
+        assert out.metrics["readout_nll"].item() == pytest.approx(
+            (r_mean[0] * 2 + r_mean[1] * 3).item() / 5, rel=1e-5)
+        assert "readout_nll" not in ref.metrics
+
+
+def test_readout_codes_with_complementary_masking_and_weight_zero():
+    batch = readout_batch()
+    readout = batch["image_code_mask"] & batch["target_mask"] & batch["image_slots"].any(-1, keepdim=True)
+    out, model = run(diffusion(complementary=True), batch)
+    seen = model.calls[-1]["input_ids"]
+    assert seen.shape[0] == 6 and (seen[torch.cat([readout, readout])] == MASK).all()
+    out.loss.backward()
+    assert model.table.grad[:6][torch.cat([readout, readout])].abs().sum() > 0
+    zero, _ = run(diffusion(readout_weight=0.0), batch)
+    plain = dict(batch, target_mask=batch["target_mask"] & ~readout, input_ids=batch["input_ids"].masked_fill(readout, MASK))
+    assert zero.loss.item() == pytest.approx(run(diffusion(), plain)[0].loss.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="readout_weight"):
+        diffusion(readout_weight=-1.0)
+    with pytest.raises(ValueError, match="image_codes.readout_weight"):
+        build_objective(from_dict(ObjectiveConfig, {"image_codes": {"readout_weight": -0.5}}), mask_token_id=MASK)

@@ -90,3 +90,43 @@ def test_text_memo_returns_fresh_equal_lists(proc):
     first.append(-1)  # a caller appending EOS must not change the memo
     assert proc.encode_text(text) == first[:-1]
     assert proc.encode_text(text) is not proc.encode_text(text)
+
+
+def test_readout_codes_layout_in_training_and_generation(tiny_world, proc):
+    """With readout_codes, an understanding row holds its image's codes after the vision slots: targets
+    when training, mask ids (and not targets) in the generation canvas; other tasks are unchanged."""
+    import dataclasses
+
+    rp = MMProcessor(proc.tokenizer, SpecialTokens(), dataclasses.replace(proc.cfg, readout_codes=True))
+    assert rp.num_readout_codes == 6 and proc.num_readout_codes == 0
+    pix, codes = torch.randn(3, 32, 32), torch.tensor([[3, 1, 4], [1, 5, 9]])
+    e = rp.encode("vqa", prompt="what color is the circle?", target="red", pixel_values=pix, codes=codes)
+    sid = rp.ids
+    assert e.image_slots.nonzero().squeeze(-1).tolist() == [3, 4, 5, 6]
+    pos = e.image_code_mask.nonzero().squeeze(-1)
+    assert pos.tolist() == [7, 8, 9, 10, 11, 12] and e.input_ids[13] == sid["image_end"]
+    assert torch.equal(rp.id_to_code(e.input_ids[pos]), codes.reshape(-1))
+    assert e.target_mask[pos].all()
+    base = proc.encode("vqa", prompt="what color is the circle?", target="red", pixel_values=pix)
+    a, b = base.input_ids.tolist().index(sid["assistant"]), e.input_ids.tolist().index(sid["assistant"])
+    assert torch.equal(e.input_ids[b:], base.input_ids[a:])  # the same question and answer after them
+    assert torch.equal(e.target_mask[b:], base.target_mask[a:])
+    assert e.target_mask.sum() == base.target_mask.sum() + 6
+    # without codes (e.g. a benchmark scoring the answer only) the slots stay masked, not targets
+    n = rp.encode("vqa", prompt="what color is the circle?", target="red", pixel_values=pix)
+    assert (n.input_ids[pos] == rp.mask_id).all() and not n.target_mask[pos].any() and n.image_code_mask[pos].all()
+    g = rp.generation_inputs("caption", pixel_values=pix)
+    gpos = g.image_code_mask.nonzero().squeeze(-1)
+    assert gpos.tolist() == [7, 8, 9, 10, 11, 12]
+    assert (g.input_ids[gpos] == rp.mask_id).all() and not g.target_mask[gpos].any()
+    assert g.target_mask.sum() == 16  # only the answer is generated
+    t = rp.encode("t2i", prompt="a large red circle at the top left", codes=codes)
+    assert torch.equal(t.input_ids, proc.encode("t2i", prompt="a large red circle at the top left",
+                                                codes=codes).input_ids)
+    assert torch.equal(rp.encode("text", target="there are").input_ids, proc.encode("text", target="there are").input_ids)
+    with pytest.raises(ValueError, match="read-out codes of shape"):
+        rp.encode("caption", target="x", pixel_values=pix, codes=torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="no read-out slots"):
+        proc.encode("caption", target="x", pixel_values=pix, codes=codes)
+    with pytest.raises(ValueError, match="readout_codes needs"):
+        MMProcessor(proc.tokenizer, SpecialTokens(), dataclasses.replace(proc.cfg, readout_codes=True, codebook_size=0))

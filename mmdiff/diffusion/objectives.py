@@ -44,6 +44,12 @@ every answer token of a VQA sample while captions keep t ~ U(0, 1) — a short a
 partly visible can be copied from its own tokens, one that is wholly hidden can only be read
 from the image (the dense grounding signal; BENCHMARKS.md).
 
+Read-out codes (``image_codes.readout_weight``): image-code targets in a row that also has vision
+slots (``image_slots``) are the input image's own codes (``mmdiff.processor``'s ``readout_codes``).
+They are always masked -- at sampling time they are never shown -- and count as an auxiliary term,
+not as targets of the row: ``loss += readout_weight · (1/B) Σ_b τ_b · mean NLL over b's read-out
+codes``; ``per_sample_loss`` includes it.  Metrics ``readout_nll`` / ``readout_accuracy``.
+
 Autoregressive: causal attention, next-token cross-entropy on target positions (logits[j−1]
 predict token j), same normalisation options.  ``ObjectiveSchedule`` switches objectives at
 given steps (Dimple's AR-then-diffusion curriculum).
@@ -364,7 +370,10 @@ class MaskedDiffusionObjective(Objective):
         task_min_mask_ratio: Tensor | None = None,
         cond_dropout_tasks: Tensor | None = None,
         weight_cap: float | None = None,
+        readout_weight: float = 1.0,
     ):
+        if readout_weight < 0:
+            raise ValueError(f"readout_weight must be >= 0, got {readout_weight}")
         if weight_cap is not None and weight_cap < 1.0:
             raise ValueError(f"weight_cap must be >= 1 (the weight at full masking), got {weight_cap}")
         if weighting not in ("schedule", "uniform"):
@@ -393,6 +402,7 @@ class MaskedDiffusionObjective(Objective):
         self.task_min_mask_ratio = None if task_min_mask_ratio is None else task_min_mask_ratio.float()
         # (num_tasks,) bool: tasks whose prompts condition dropout may drop, or None (all)
         self.cond_dropout_tasks = None if cond_dropout_tasks is None else cond_dropout_tasks.bool()
+        self.readout_weight = float(readout_weight)
 
     # --- masking ---------------------------------------------------------------------------
     def mask_probs(self, t: Tensor, image_codes: Tensor, task_ids: Tensor | None = None) -> Tensor:
@@ -436,9 +446,15 @@ class MaskedDiffusionObjective(Objective):
         attn, target, prompt = _base_masks(batch)
         image_codes = batch.get("image_code_mask")
         image_codes = torch.zeros_like(target) if image_codes is None else image_codes.bool()
+        readout = torch.zeros_like(target)  # (B, L) the input image's own codes: always masked, auxiliary
+        slots = batch.get("image_slots")
+        if slots is not None:
+            readout = image_codes & target & slots.bool().any(-1, keepdim=True)
+            target = target & ~readout
         maskable = target.clone()
         if self.logits_are_shifted:
             maskable[:, 0] = False  # token 0 has no logits predicting it
+            readout[:, 0] = False
 
         inputs = ids
         dropped = torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -460,16 +476,18 @@ class MaskedDiffusionObjective(Objective):
             masked = torch.cat([masked, complement_mask(masked, maskable)], 0)  # (2B, L)
             p = torch.cat([p, 1.0 - p], 0)
             t = torch.cat([t, self.schedule.t_from_mask_prob(1.0 - self.schedule.mask_prob(t)).float()], 0)
-            ids, inputs, attn, prompt, target, maskable, image_codes, dropped = (
+            ids, inputs, attn, prompt, target, maskable, image_codes, dropped, readout = (
                 torch.cat([x, x], 0)
-                for x in (ids, inputs, attn, prompt, target, maskable, image_codes, dropped)
+                for x in (ids, inputs, attn, prompt, target, maskable, image_codes, dropped, readout)
             )
             extras = double_batch(extras)
             task_ids = None if task_ids is None else torch.cat([task_ids, task_ids], 0)
 
-        noisy = inputs.masked_fill(masked, self.mask_token_id)  # (B', L) targets hidden
+        noisy = inputs.masked_fill(masked | readout, self.mask_token_id)  # (B', L) targets hidden
         logits = model_fn(noisy, attn, self.attention_mode, prompt, **extras)  # (B', L, V)
-        nll, correct = token_nll(logits, ids, masked, offset=int(self.logits_are_shifted))  # (B', L)
+        nll, correct = token_nll(logits, ids, masked | readout, offset=int(self.logits_are_shifted))  # (B', L)
+        r_nll, r_correct = nll.masked_fill(~readout, 0.0), correct & readout
+        nll, correct = nll.masked_fill(readout, 0.0), correct & ~readout
 
         w = self.token_weights(p, image_codes).masked_fill(~masked, 0.0)  # (B', L)
         r = torch.ones_like(nll)
@@ -486,6 +504,13 @@ class MaskedDiffusionObjective(Objective):
             "accuracy": correct.sum() / n,
             "cond_dropped": dropped.float().mean(),
         }
+        if bool(readout.any()):
+            n_read = readout.sum(-1)  # (B',)
+            r_mean = r_nll.sum(-1) / n_read.clamp(min=1)  # (B',) 0 for rows without read-out codes
+            loss = loss + self.readout_weight * (tau * r_mean).mean()
+            per_sample = per_sample + self.readout_weight * r_mean.detach()
+            metrics["readout_nll"] = r_nll.detach().sum() / n_read.sum()
+            metrics["readout_accuracy"] = r_correct.sum() / n_read.sum()
         return LossOutput(
             loss=loss,
             per_sample_loss=per_sample.detach(),
@@ -585,8 +610,12 @@ class ImageCodeConfig:
     min_mask_ratio: float = 0.0
     region_prob: float = 0.0
     grid: tuple[int, int] | None = None
+    # weight of the read-out codes of understanding rows (a row's mean NLL over them; module docstring)
+    readout_weight: float = 1.0
 
     def validate(self) -> None:
+        if self.readout_weight < 0:
+            raise ValueError(f"image_codes.readout_weight must be >= 0, got {self.readout_weight}")
         if not 0.0 <= self.min_mask_ratio <= 1.0:
             raise ValueError(f"image_codes.min_mask_ratio must be in [0, 1], got {self.min_mask_ratio}")
         if not 0.0 <= self.region_prob <= 1.0:
@@ -711,6 +740,7 @@ def _build_diffusion(
         cond_dropout_tasks=(torch.tensor([n in cfg.condition_dropout_tasks for n in cfg.task_names])
                             if cfg.condition_dropout_tasks else None),
         weight_cap=cfg.weight_cap,
+        readout_weight=img.readout_weight,
     )
 
 

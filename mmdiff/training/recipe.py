@@ -69,6 +69,10 @@ class ModelRecipe:
     # code rows, it gave 0.014 (BENCHMARKS.md, session 11).  A run with train.init_from sets the rows
     # after loading those weights (at the loaded rows' scale); a resumed run leaves them.
     code_embedding_init: Literal["random", "vq"] = "random"
+    # understanding rows also hold their input image's VQ codes as always-masked targets: the model
+    # learns to write what each grid cell shows (mmdiff.processor; objective.image_codes.readout_weight).
+    # Saved in the model's processor config, so generation and evaluation lay rows out the same way
+    readout_codes: bool = False
 
     def validate(self) -> None:
         if not self.tokenizer:
@@ -79,6 +83,9 @@ class ModelRecipe:
             raise ValueError("code_embedding_init: 'vq' needs model.vq (the tokenizer whose codes it reads)")
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+        if self.readout_codes and (not self.vq or self.vision is None):
+            raise ValueError("readout_codes needs model.vq (the codes to read out) and model.vision (the image "
+                             "they are read from)")
 
 
 @dataclass
@@ -275,6 +282,17 @@ class ExampleEncoder:
     def __call__(self, ex) -> Any:
         return self._encode(ex, None)
 
+    def _code_image(self, ex):
+        """The image whose VQ codes ``ex``'s row holds: a t2i/inpaint target, or with the processor's
+        ``readout_codes`` the input image of an understanding row (its read-out targets); else None."""
+        if self.vq is None:
+            return None
+        if ex.task in IMAGE_GEN:
+            return ex.target
+        if ex.task in UNDERSTANDING and self.processor.cfg.readout_codes:
+            return ex.image
+        return None
+
     def _encode(self, ex, codes: torch.Tensor | None) -> Any:
         prompt = ex.prompt
         if isinstance(prompt, list):  # conversation turns [(role, text), ...]
@@ -286,8 +304,10 @@ class ExampleEncoder:
         pixel_values = None
         if ex.task in UNDERSTANDING:
             pixel_values = self._cached("pixels", ex, lambda: self.vision_transform(ex.image))
+            if codes is None and self._code_image(ex) is not None:
+                codes = self._cached("codes", ex, lambda: self._codes(ex.image))
         return self.processor.encode(ex.task, prompt=prompt or "", target=ex.target,
-                                     pixel_values=pixel_values, key=ex.key)
+                                     pixel_values=pixel_values, codes=codes, key=ex.key)
 
     def encode_many(self, examples: list) -> list:
         """Several examples at once -> one ``Encoded`` or the ``ValueError`` it raised, per example.
@@ -301,7 +321,8 @@ class ExampleEncoder:
         todo: list[tuple[int, tuple | None, torch.Tensor]] = []
         failed: dict[int, ValueError] = {}
         for i, ex in enumerate(examples):
-            if ex.task not in IMAGE_GEN or self.vq is None:
+            image = self._code_image(ex)
+            if image is None:
                 continue
             key = self._cache_key("codes", ex)
             hit = self._cache_get(key)
@@ -309,9 +330,10 @@ class ExampleEncoder:
                 codes[i] = hit
                 continue
             try:
-                todo.append((i, key, self._target_pixels(ex.target)))
+                todo.append((i, key, self._target_pixels(image)))
             except (OSError, ValueError, TypeError, AttributeError) as e:  # an unreadable target: this example only
-                failed[i] = ValueError(f"target image: {type(e).__name__}: {e}")
+                what = "target" if ex.task in IMAGE_GEN else "input"
+                failed[i] = ValueError(f"{what} image: {type(e).__name__}: {e}")
         if todo:
             with torch.no_grad():
                 batch = self.vq.encode_to_codes(torch.stack([x for _, _, x in todo]))  # (n, h, w)
@@ -442,7 +464,8 @@ def build_components(recipe: Recipe) -> Components:
         vq.requires_grad_(False)
         code_grid, codebook = tuple(vq.grid_size(m.image_size)), vq.codebook_size
     proc_cfg = ProcessorConfig(num_image_tokens=0, code_grid=code_grid, codebook_size=codebook,
-                               max_length=m.max_length, answer_lengths=dict(m.answer_lengths))
+                               max_length=m.max_length, answer_lengths=dict(m.answer_lengths),
+                               readout_codes=m.readout_codes)
     model, proc_cfg = _build_model(recipe, len(tokenizer), codebook, proc_cfg, m.special_tokens, ids)
     if m.code_embedding_init == "vq":  # a fresh model's code rows (with train.init_from: again after loading)
         init_code_embeddings(model, vq.code_features(), text_vocab_size=len(tokenizer))
