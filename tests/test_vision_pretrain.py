@@ -19,7 +19,9 @@ from mmdiff.training.vision_pretrain import (
     _cell_patches,
     build_siglip,
     load_pairs,
+    patchify,
     pretrain_vision,
+    reconstruction_loss,
     region_phrase,
     region_weights,
     sigmoid_loss,
@@ -152,6 +154,45 @@ def test_region_loss_trains_box_features_towards_their_phrase(tiny_world, tmp_pa
     assert plain["final_region_loss"] is None
     with pytest.raises(ConfigError, match="region_loss_weight"):
         from_dict(VisionPretrainRecipe, {"train": {"region_loss_weight": -1}})
+
+
+def test_patchify_follows_the_towers_token_order():
+    """Patch k of patchify is the k-th token of the SigLIP patch embedding (a conv of stride patch)."""
+    model = build_siglip(from_dict(VisionPretrainRecipe, {"model": TINY_MODEL}).model, vocab_size=50, pad_id=0)
+    emb = model.vision_model.embeddings.patch_embedding  # Conv2d(3, D, patch, stride=patch)
+    x = torch.randn(2, 3, 32, 32)
+    p = patchify(x, 8)
+    assert p.shape == (2, 16, 3 * 64)
+    want = emb(x).flatten(2).transpose(1, 2)  # (2, 16, D): the tower's patch tokens before positions
+    got = p @ emb.weight.reshape(emb.out_channels, -1).T + emb.bias
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(p[0, 5].reshape(3, 8, 8), x[0, :, 8:16, 8:16])  # row 1, column 1
+    dec = torch.nn.Linear(4, 3 * 64)
+    with torch.no_grad():
+        dec.weight.zero_(), dec.bias.zero_()
+    assert reconstruction_loss(dec, torch.zeros(2, 17, 4), x, 8).item() == pytest.approx(x.pow(2).mean().item(), rel=1e-6)
+
+
+def test_patch_reconstruction_trains_the_features_towards_their_pixels(tiny_world, tmp_path):
+    """With patch_reconstruction_weight the run reports the reconstruction loss and it falls; the
+    decoder is not part of the saved tower; a run without it reports none."""
+    logs = []
+    result = pretrain_vision(_recipe(steps=30, patch_reconstruction_weight=1.0, lr=3e-3, probe_samples=0),
+                             tiny_world["train"], tmp_path / "tower", tiny_world["tokenizer"],
+                             eval_shards=tiny_world["test"], log=logs.append)
+    recon = [r["reconstruction_loss"] for r in logs if "reconstruction_loss" in r]
+    assert len(recon) == 30 and result["final_reconstruction_loss"] is not None
+    assert np.mean(recon[-5:]) < 0.7 * np.mean(recon[:3])
+    from safetensors.torch import load_file
+
+    saved = load_file(next((tmp_path / "tower").glob("*.safetensors")))
+    assert all(v.shape != (3 * 64, 32) for v in saved.values())  # no (pixels x hidden) decoder weight
+    assert all(not k.startswith("text") for k in saved)
+    plain = pretrain_vision(_recipe(steps=2, probe_samples=0), tiny_world["train"], None, tiny_world["tokenizer"],
+                            eval_shards=tiny_world["test"])
+    assert plain["final_reconstruction_loss"] is None
+    with pytest.raises(ConfigError, match="patch_reconstruction_weight"):
+        from_dict(VisionPretrainRecipe, {"train": {"patch_reconstruction_weight": -1}})
 
 
 def test_config_rejects_bad_values():

@@ -136,6 +136,12 @@ class VisionPretrainConfig:
     # ``bbox`` records (the world's ``objects``); 0 = off
     region_loss_weight: float = 0.0
     region_layer: int = -2
+    # patch reconstruction (a dense objective in the spirit of MAE, without masking): a linear decoder
+    # maps each layer-``region_layer`` patch token back to its own normalised pixels (MSE).  The
+    # sigmoid loss alone keeps what tells captions apart and drops the rest -- a trained tower's
+    # features read shape worse than a random tower's (BENCHMARKS.md, session 5) -- so this keeps each
+    # patch's content, shape fragments included, linearly in the features the unified model reads; 0 = off
+    patch_reconstruction_weight: float = 0.0
     num_threads: int = 1  # torch threads (0: leave torch's default)
     max_train_samples: int = 0  # 0: every sample of the shards
     eval_samples: int = 512  # held out from the training shards when no eval shards are given
@@ -154,6 +160,8 @@ class VisionPretrainConfig:
             raise ValueError("hard_negatives must be >= 0")
         if self.region_loss_weight < 0:
             raise ValueError(f"region_loss_weight must be >= 0, got {self.region_loss_weight}")
+        if self.patch_reconstruction_weight < 0:
+            raise ValueError(f"patch_reconstruction_weight must be >= 0, got {self.patch_reconstruction_weight}")
         if self.eval_samples < 0 or self.probe_samples < 0 or self.max_train_samples < 0:
             raise ValueError("sample counts must be >= 0")
 
@@ -660,20 +668,42 @@ def region_loss(head: RegionHead, model, features: torch.Tensor, weights: torch.
     return sigmoid_loss(logits, positives)
 
 
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, P, C * patch * patch), patches in row-major order (the tower's token order)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def reconstruction_loss(decoder: torch.nn.Module, features: torch.Tensor, pixels: torch.Tensor,
+                        patch: int) -> torch.Tensor:
+    """MSE between ``decoder(features)`` (B, P, D) -> (B, P, C*patch*patch) and the patches of ``pixels``."""
+    target = patchify(pixels, patch)
+    if features.shape[1] != target.shape[1]:  # a prefix (CLS) token is not a patch
+        features = features[:, features.shape[1] - target.shape[1]:]
+    return F.mse_loss(decoder(features), target)
+
+
 def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncoder,
          log: Callable[[dict], None] | None) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    vc = model.vision_model.config
     head = None
     if cfg.region_loss_weight > 0:
-        vc = model.vision_model.config
         head = RegionHead(vc.hidden_size, model.config.text_config.projection_size,
                           cfg.logit_scale_init, cfg.logit_bias_init)
-    trained = model if head is None else torch.nn.ModuleList([model, head])  # the head is not saved
+    decoder = None
+    if cfg.patch_reconstruction_weight > 0:
+        decoder = torch.nn.Linear(vc.hidden_size, vc.num_channels * vc.patch_size ** 2)
+    extra = [m for m in (head, decoder) if m is not None]
+    trained = torch.nn.ModuleList([model, *extra]) if extra else model  # heads and decoder are not saved
     all_regions = _all_regions(data, vc.image_size, vc.patch_size, encode) if head is not None else None
+    dense = head is not None or decoder is not None
     opt = _optimizer(trained, cfg)
     model.train()
     region_history: list[float] = []
+    recon_history: list[float] = []
     history: list[tuple[int, float]] = []
     n = len(data)
     batch = min(cfg.batch_size, n)
@@ -695,8 +725,8 @@ def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncode
         neg_ids, neg_scenes = _hard_negatives(data, idx, encode, cfg.hard_negatives, rng)
         ids = torch.cat([data.caption_ids[pick], neg_ids])  # (B + H, L)
         regions = _batch_regions(all_regions, idx)
-        out = model(input_ids=ids, pixel_values=normalise(data.images[idx]),
-                    output_hidden_states=regions is not None)  # logits (B, B + H)
+        pixels = normalise(data.images[idx])
+        out = model(input_ids=ids, pixel_values=pixels, output_hidden_states=dense)  # logits (B, B + H)
         text_scenes = torch.cat([data.scene_ids[idx], neg_scenes])  # (B + H,)
         positives = data.scene_ids[idx][:, None] == text_scenes[None, :]  # (B, B + H)
         loss = sigmoid_loss(out.logits_per_image, positives)
@@ -705,6 +735,11 @@ def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncode
             r_loss = region_loss(head, model, feats, *regions)
             loss = loss + cfg.region_loss_weight * r_loss
             region_history.append(r_loss.item())
+        if decoder is not None:
+            feats = out.vision_model_output.hidden_states[cfg.region_layer]  # (B, P, D)
+            p_loss = reconstruction_loss(decoder, feats, pixels, vc.patch_size)
+            loss = loss + cfg.patch_reconstruction_weight * p_loss
+            recon_history.append(p_loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -715,11 +750,13 @@ def _fit(model, data: PairData, cfg: VisionPretrainConfig, encode: CaptionEncode
         if log is not None and (step % cfg.log_every == 0 or step == 1):
             log({"step": step, "loss": round(loss.item(), 4), "lr": lr,
                  **({"region_loss": round(region_history[-1], 4)} if region_history else {}),
+                 **({"reconstruction_loss": round(recon_history[-1], 4)} if recon_history else {}),
                  "t": round(model.logit_scale.exp().item(), 2), "b": round(model.logit_bias.item(), 2),
                  "elapsed_s": round(time.perf_counter() - t0, 1)})
     return {"steps": step, "train_time_s": time.perf_counter() - t0, "history": history,
             "final_loss": float(np.mean([l for _, l in history[-20:]])) if history else float("nan"),
             "final_region_loss": float(np.mean(region_history[-20:])) if region_history else None,
+            "final_reconstruction_loss": float(np.mean(recon_history[-20:])) if recon_history else None,
             "logit_scale": model.logit_scale.exp().item(), "logit_bias": model.logit_bias.item()}
 
 
