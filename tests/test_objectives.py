@@ -506,3 +506,28 @@ def test_readout_codes_with_complementary_masking_and_weight_zero():
         diffusion(readout_weight=-1.0)
     with pytest.raises(ValueError, match="image_codes.readout_weight"):
         build_objective(from_dict(ObjectiveConfig, {"image_codes": {"readout_weight": -0.5}}), mask_token_id=MASK)
+
+
+def test_readout_given_prob_shows_some_rows_codes_unscored():
+    """readout_given_prob: a row's read-out codes are shown (its input ids, no loss) with that probability,
+    else hidden and scored as before; rows are chosen per draw and both kinds occur."""
+    batch = readout_batch()
+    readout = batch["image_code_mask"] & batch["target_mask"] & batch["image_slots"].any(-1, keepdim=True)
+    kinds = set()
+    for seed in range(12):
+        out, model = run(diffusion(readout_given_prob=0.5), batch, seed)
+        seen = model.calls[-1]["input_ids"]
+        for b in (0, 1):
+            pos = readout[b]
+            hidden = bool((seen[b][pos] == MASK).all())
+            shown = bool(torch.equal(seen[b][pos], batch["input_ids"][b][pos]))
+            assert hidden != shown  # all of a row's codes one way
+            kinds.add(shown)
+        assert not (out.supervised & readout).any()
+        all_shown = all(torch.equal(seen[b][readout[b]], batch["input_ids"][b][readout[b]]) for b in (0, 1))
+        assert ("readout_nll" in out.metrics) != all_shown
+    assert kinds == {True, False}
+    assert all((run(diffusion(readout_given_prob=1.0), batch, s)[1].calls[-1]["input_ids"][readout] != MASK).all()
+               for s in range(3))
+    with pytest.raises(ValueError, match="readout_given_prob"):
+        diffusion(readout_given_prob=1.5)

@@ -368,3 +368,51 @@ def test_empty_prompt_uncond_matches_processor_layout(tmp_path):
     real = rows.attention_mask
     assert torch.equal(real, empty["attention_mask"])
     assert torch.equal(rows.ids(cond["input_ids"])[real], empty["input_ids"][real])
+
+
+class ReadoutModel:
+    """Positions 1-2 are vision slots (row 0 only), 3-4 read-out code slots, 5-6 the answer.  At the
+    code slots the best text token beats every code, and among codes V_TEXT + 5 + slot wins; at the
+    answer, token 20 + (code at slot 3 - V_TEXT) when that slot holds a code, else token 30."""
+
+    def __init__(self):
+        self.calls = []
+        self.config = SimpleNamespace(attention_mode="bidirectional")
+
+    def __call__(self, input_ids, attention_mask=None, prompt_mask=None, attention_mode=None, **kw):
+        self.calls.append(input_ids.clone())
+        B, L = input_ids.shape
+        logits = torch.zeros(B, L, VOCAB)
+        logits[:, 3:5, 7] = 10.0  # a text token: never written into a code slot
+        logits[:, 3, V_TEXT + 5] = 5.0
+        logits[:, 4, V_TEXT + 6] = 5.0
+        code = input_ids[:, 3] - V_TEXT
+        answer = torch.where((code >= 0) & (code < K), 20 + code, torch.full_like(code, 30))
+        logits[torch.arange(B), 5, answer] = 8.0
+        logits[:, 6, EOS] = 8.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_fill_readout_writes_codes_first_and_the_answer_sees_them():
+    ids = torch.tensor([[BOS, 12, 12, MASK, MASK, MASK, MASK], [BOS, 13, 14, MASK, MASK, MASK, MASK]])
+    target = torch.zeros(2, 7, dtype=torch.bool)
+    target[:, 5:] = True
+    slots = torch.zeros(2, 7, dtype=torch.bool)
+    slots[0, 1:3] = True  # only row 0 reads an image; row 1's masks at 3-4 are not read-out slots
+    codes = torch.zeros(2, 7, dtype=torch.bool)
+    codes[:, 3:5] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.bool), "target_mask": target,
+             "image_slots": slots, "image_code_mask": codes, "image_features": torch.zeros(1, 2, 4)}
+    model = ReadoutModel()
+    kw = dict(mask_token_id=MASK, eos_token_id=EOS, text_vocab_size=V_TEXT)
+    plain = build_sampler(steps=1).generate(model, batch, torch.Generator().manual_seed(0), **kw)
+    assert plain.nfe == 1 and plain.tokens[0, 5] == 30 and (plain.tokens[:, 3:5] == MASK).all()
+    filled = build_sampler(steps=1, fill_readout=True).generate(model, batch, torch.Generator().manual_seed(0), **kw)
+    assert filled.nfe == 2 and filled.tokens_per_pass == [0, 4]
+    assert filled.tokens[0, 3:5].tolist() == [V_TEXT + 5, V_TEXT + 6]  # codes only, the best code per slot
+    assert filled.tokens[0, 5] == 25 and filled.generated[0] == [25]  # the answer read the written code
+    assert (filled.tokens[1, 3:5] == MASK).all() and filled.tokens[1, 5] == 30  # no image: untouched
+    assert (filled.commit_step[0, 3:5] == -1).all()  # not part of the generated answer
+    noslots = {k: v for k, v in batch.items() if k != "image_code_mask"}
+    none = build_sampler(steps=1, fill_readout=True).generate(model, noslots, torch.Generator().manual_seed(0), **kw)
+    assert none.nfe == 1 and torch.equal(none.tokens, plain.tokens)  # nothing to fill: no extra pass

@@ -49,6 +49,9 @@ slots (``image_slots``) are the input image's own codes (``mmdiff.processor``'s 
 They are always masked -- at sampling time they are never shown -- and count as an auxiliary term,
 not as targets of the row: ``loss += readout_weight · (1/B) Σ_b τ_b · mean NLL over b's read-out
 codes``; ``per_sample_loss`` includes it.  Metrics ``readout_nll`` / ``readout_accuracy``.
+With ``image_codes.readout_given_prob`` a row's read-out codes are instead *shown* (unmasked, not
+scored) with that probability: the row's answer learns to read the codes, as it will when the
+sampler writes them first (``SamplerConfig.fill_readout``).
 
 Autoregressive: causal attention, next-token cross-entropy on target positions (logits[j−1]
 predict token j), same normalisation options.  ``ObjectiveSchedule`` switches objectives at
@@ -371,9 +374,12 @@ class MaskedDiffusionObjective(Objective):
         cond_dropout_tasks: Tensor | None = None,
         weight_cap: float | None = None,
         readout_weight: float = 1.0,
+        readout_given_prob: float = 0.0,
     ):
         if readout_weight < 0:
             raise ValueError(f"readout_weight must be >= 0, got {readout_weight}")
+        if not 0.0 <= readout_given_prob <= 1.0:
+            raise ValueError(f"readout_given_prob must be in [0, 1], got {readout_given_prob}")
         if weight_cap is not None and weight_cap < 1.0:
             raise ValueError(f"weight_cap must be >= 1 (the weight at full masking), got {weight_cap}")
         if weighting not in ("schedule", "uniform"):
@@ -403,6 +409,7 @@ class MaskedDiffusionObjective(Objective):
         # (num_tasks,) bool: tasks whose prompts condition dropout may drop, or None (all)
         self.cond_dropout_tasks = None if cond_dropout_tasks is None else cond_dropout_tasks.bool()
         self.readout_weight = float(readout_weight)
+        self.readout_given_prob = float(readout_given_prob)
 
     # --- masking ---------------------------------------------------------------------------
     def mask_probs(self, t: Tensor, image_codes: Tensor, task_ids: Tensor | None = None) -> Tensor:
@@ -469,6 +476,9 @@ class MaskedDiffusionObjective(Objective):
         t = self.time_sampler(B, generator=generator, device=ids.device)  # (B,)
         p = self.mask_probs(t, image_codes, batch.get("task_ids"))  # (B, L)
         masked = self.sample_mask(p, maskable, image_codes, generator)  # (B, L)
+        if self.readout_given_prob > 0 and bool(readout.any()):  # these rows see their codes instead
+            shown = torch.rand(B, generator=generator, device=ids.device) < self.readout_given_prob  # (B,)
+            readout = readout & ~shown[:, None]
 
         extras = _extras(batch)
         task_ids = batch.get("task_ids")
@@ -612,10 +622,15 @@ class ImageCodeConfig:
     grid: tuple[int, int] | None = None
     # weight of the read-out codes of understanding rows (a row's mean NLL over them; module docstring)
     readout_weight: float = 1.0
+    # probability that a row's read-out codes are shown instead (unmasked, unscored): its answer learns
+    # to read them, as when the sampler writes them first (SamplerConfig.fill_readout)
+    readout_given_prob: float = 0.0
 
     def validate(self) -> None:
         if self.readout_weight < 0:
             raise ValueError(f"image_codes.readout_weight must be >= 0, got {self.readout_weight}")
+        if not 0.0 <= self.readout_given_prob <= 1.0:
+            raise ValueError(f"image_codes.readout_given_prob must be in [0, 1], got {self.readout_given_prob}")
         if not 0.0 <= self.min_mask_ratio <= 1.0:
             raise ValueError(f"image_codes.min_mask_ratio must be in [0, 1], got {self.min_mask_ratio}")
         if not 0.0 <= self.region_prob <= 1.0:
@@ -741,6 +756,7 @@ def _build_diffusion(
                             if cfg.condition_dropout_tasks else None),
         weight_cap=cfg.weight_cap,
         readout_weight=img.readout_weight,
+        readout_given_prob=img.readout_given_prob,
     )
 
 

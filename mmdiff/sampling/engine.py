@@ -148,6 +148,11 @@ class SamplerConfig:
         Slots holding tokens (a template's fixed suffix) are never left out.
     attention_mode: passed to every call (None: the model's own default).
     record_history: keep the canvas after every step in ``SampleOutput.history``.
+    fill_readout: rows that read an image and hold masked read-out code slots after it
+        (``mmdiff.processor``'s ``readout_codes``) get the image's codes written there first, by one
+        greedy pass (codes only; +1 NFE), and the answer is then generated seeing them -- a model
+        trained with ``image_codes.readout_given_prob`` answers from the codes it wrote.  A no-op for
+        rows without such slots.
     """
 
     steps: int = 64
@@ -172,6 +177,7 @@ class SamplerConfig:
     suffix_window: int | None = None
     attention_mode: Literal["bidirectional", "prefix", "causal"] | None = None
     record_history: bool = False
+    fill_readout: bool = False
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -375,6 +381,9 @@ class Sampler:
                 score = score.masked_fill(x0 == eos_token_id, NEG_INF)
             return _Step(x0=x0, probs=probs, score=score, pass_id=runner.nfe - 1)
 
+        if cfg.fill_readout:
+            self._fill_readout(runner, plan, b, x, target, mask_token_id, text_vocab_size)
+
         commit_step = torch.full((B, L), -1, dtype=torch.long, device=x.device)
         committed_per_step: list[list[int]] = []
         pass_of_step: list[int] = []
@@ -452,6 +461,22 @@ class Sampler:
         )
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _fill_readout(runner: ModelRunner, plan, b: dict, x: Tensor, target: Tensor, mask_token_id: int,
+                      text_vocab_size: int | None) -> None:
+        """One uncached pass writes the greedy code at every masked read-out slot of ``x`` (in place)."""
+        slots = b["image_code_mask"] & ~target & (x == mask_token_id) & b["attention_mask"]
+        slots &= b["image_slots"].any(-1, keepdim=True)  # read-out codes follow an input image
+        if not bool(slots.any()):
+            return
+        ids = x if plan is None else torch.cat([x, plan.uncond.ids(x)], dim=0)
+        logits, _ = runner.forward(ids)  # (R, L, V)
+        logits = logits[: x.shape[0]].double()
+        logits[..., mask_token_id] = NEG_INF
+        if text_vocab_size is not None:
+            logits[..., :text_vocab_size] = NEG_INF  # codes only
+        x[slots] = logits.argmax(-1)[slots]
+
     def _layout(self, target: Tensor) -> tuple[list[tuple[int, int]], int | None]:
         """Blocks [(bs, be)] over the target window and the steps per block (schedule rule)."""
         cfg = self.cfg
