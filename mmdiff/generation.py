@@ -118,12 +118,6 @@ def _text_sampler() -> SamplerConfig:
     return SamplerConfig(score="confidence", transfer="schedule", temperature=0.0, stop_at_eos=True)
 
 
-def _understanding_sampler(**kw) -> SamplerConfig:
-    # a model with read-out code slots writes the image's codes first and answers seeing them
-    # (a no-op for models without them; SamplerConfig.fill_readout)
-    return dataclasses.replace(_text_sampler(), fill_readout=True, **kw)
-
-
 DEFAULT_SETTINGS: dict[str, TaskDefaults] = {
     "text": TaskDefaults(gen_length=None, block_length=TEXT_BLOCK_LENGTH, steps=None, sampler=_text_sampler()),
     # short answers in one pass: recipes train VQA with the answer wholly hidden
@@ -132,10 +126,9 @@ DEFAULT_SETTINGS: dict[str, TaskDefaults] = {
     # (a session-11 model then filled the EOS slots with words: "greensmallsmallsmall", VQA 0.11
     # instead of 0.59).  With more steps, EOS is committed last, after the answer's words (LLaDA).
     "vqa": TaskDefaults(gen_length=4, block_length=None, steps=1,
-                        sampler=_understanding_sampler(suppress_eos_confidence=True)),
-    "caption": TaskDefaults(gen_length=None, block_length=TEXT_BLOCK_LENGTH, steps=None, sampler=_understanding_sampler()),
-    "describe": TaskDefaults(gen_length=None, block_length=TEXT_BLOCK_LENGTH, steps=None,
-                             sampler=_understanding_sampler()),
+                        sampler=dataclasses.replace(_text_sampler(), suppress_eos_confidence=True)),
+    "caption": TaskDefaults(gen_length=None, block_length=TEXT_BLOCK_LENGTH, steps=None, sampler=_text_sampler()),
+    "describe": TaskDefaults(gen_length=None, block_length=TEXT_BLOCK_LENGTH, steps=None, sampler=_text_sampler()),
     "t2i": TaskDefaults(
         gen_length=None,  # the code grid h * w
         block_length=None,

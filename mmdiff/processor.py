@@ -25,8 +25,9 @@ tuning, ROSS): every image an understanding row reads is followed by G slots for
 In training they hold the codes and are targets that are always masked (the objective's
 ``image_codes.readout_weight``): the language model learns to write, at the slot of each grid
 cell, what the vision tokens show there -- an explicit, position-bound reading of the image that
-the answer can attend to.  In generation they hold the mask id and are not generated (the answer
-never sees a code it was not shown in training).
+the answer can attend to.  In generation they hold the mask id and are not generated, as in
+training -- unless the sampler's ``fill_readout`` writes them first for a model trained to read them
+(the objective's ``image_codes.readout_given_prob``).
 """
 
 from __future__ import annotations

@@ -509,8 +509,9 @@ def test_readout_codes_with_complementary_masking_and_weight_zero():
 
 
 def test_readout_given_prob_shows_some_rows_codes_unscored():
-    """readout_given_prob: a row's read-out codes are shown (its input ids, no loss) with that probability,
-    else hidden and scored as before; rows are chosen per draw and both kinds occur."""
+    """readout_given_prob: a row's read-out codes are shown (its input ids, no loss, its vision slots
+    hidden from attention) with that probability, else hidden and scored as before; rows are chosen
+    per draw and both kinds occur."""
     batch = readout_batch()
     readout = batch["image_code_mask"] & batch["target_mask"] & batch["image_slots"].any(-1, keepdim=True)
     kinds = set()
@@ -524,6 +525,11 @@ def test_readout_given_prob_shows_some_rows_codes_unscored():
             assert hidden != shown  # all of a row's codes one way
             kinds.add(shown)
         assert not (out.supervised & readout).any()
+        attn = model.calls[-1]["attention_mask"]
+        for b in (0, 1):  # a row that is shown its codes reads them alone: its vision slots are hidden
+            shown = bool(torch.equal(seen[b][readout[b]], batch["input_ids"][b][readout[b]]))
+            assert bool(attn[b][batch["image_slots"][b]].any()) != shown
+        assert torch.equal(attn[2], batch["attention_mask"][2])
         all_shown = all(torch.equal(seen[b][readout[b]], batch["input_ids"][b][readout[b]]) for b in (0, 1))
         assert ("readout_nll" in out.metrics) != all_shown
     assert kinds == {True, False}

@@ -380,7 +380,7 @@ class ReadoutModel:
         self.config = SimpleNamespace(attention_mode="bidirectional")
 
     def __call__(self, input_ids, attention_mask=None, prompt_mask=None, attention_mode=None, **kw):
-        self.calls.append(input_ids.clone())
+        self.calls.append((input_ids.clone(), attention_mask.clone()))
         B, L = input_ids.shape
         logits = torch.zeros(B, L, VOCAB)
         logits[:, 3:5, 7] = 10.0  # a text token: never written into a code slot
@@ -393,7 +393,7 @@ class ReadoutModel:
         return SimpleNamespace(logits=logits)
 
 
-def test_fill_readout_writes_codes_first_and_the_answer_sees_them():
+def test_fill_readout_writes_codes_first_and_the_answer_reads_them():
     ids = torch.tensor([[BOS, 12, 12, MASK, MASK, MASK, MASK], [BOS, 13, 14, MASK, MASK, MASK, MASK]])
     target = torch.zeros(2, 7, dtype=torch.bool)
     target[:, 5:] = True
@@ -413,6 +413,8 @@ def test_fill_readout_writes_codes_first_and_the_answer_sees_them():
     assert filled.tokens[0, 5] == 25 and filled.generated[0] == [25]  # the answer read the written code
     assert (filled.tokens[1, 3:5] == MASK).all() and filled.tokens[1, 5] == 30  # no image: untouched
     assert (filled.commit_step[0, 3:5] == -1).all()  # not part of the generated answer
+    first, second = model.calls[-2][1], model.calls[-1][1]
+    assert first.all() and not second[0, 1:3].any() and second[1].all()  # then the answer reads the codes only
     noslots = {k: v for k, v in batch.items() if k != "image_code_mask"}
     none = build_sampler(steps=1, fill_readout=True).generate(model, noslots, torch.Generator().manual_seed(0), **kw)
     assert none.nfe == 1 and torch.equal(none.tokens, plain.tokens)  # nothing to fill: no extra pass

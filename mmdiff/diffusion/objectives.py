@@ -50,8 +50,11 @@ They are always masked -- at sampling time they are never shown -- and count as 
 not as targets of the row: ``loss += readout_weight · (1/B) Σ_b τ_b · mean NLL over b's read-out
 codes``; ``per_sample_loss`` includes it.  Metrics ``readout_nll`` / ``readout_accuracy``.
 With ``image_codes.readout_given_prob`` a row's read-out codes are instead *shown* (unmasked, not
-scored) with that probability: the row's answer learns to read the codes, as it will when the
-sampler writes them first (``SamplerConfig.fill_readout``).
+scored) with that probability, and its vision slots are hidden from attention: the row's answer
+learns to read the image from its codes alone, as it must when the sampler writes them first and
+hides the vision slots (``SamplerConfig.fill_readout``).  (Shown beside the vision tokens, the codes
+were ignored: a model trained so answered as well with them hidden as with the true ones;
+BENCHMARKS.md, session 19.)
 
 Autoregressive: causal attention, next-token cross-entropy on target positions (logits[j−1]
 predict token j), same normalisation options.  ``ObjectiveSchedule`` switches objectives at
@@ -476,9 +479,13 @@ class MaskedDiffusionObjective(Objective):
         t = self.time_sampler(B, generator=generator, device=ids.device)  # (B,)
         p = self.mask_probs(t, image_codes, batch.get("task_ids"))  # (B, L)
         masked = self.sample_mask(p, maskable, image_codes, generator)  # (B, L)
-        if self.readout_given_prob > 0 and bool(readout.any()):  # these rows see their codes instead
+        if self.readout_given_prob > 0 and bool(readout.any()):  # these rows read their codes instead
             shown = torch.rand(B, generator=generator, device=ids.device) < self.readout_given_prob  # (B,)
+            shown &= readout.any(-1)
             readout = readout & ~shown[:, None]
+            # ... and only them: their vision slots are hidden from attention, so the answer learns to
+            # read the codes, as it must when the sampler writes them (SamplerConfig.fill_readout)
+            attn = attn & ~(shown[:, None] & slots.bool())
 
         extras = _extras(batch)
         task_ids = batch.get("task_ids")
@@ -622,8 +629,8 @@ class ImageCodeConfig:
     grid: tuple[int, int] | None = None
     # weight of the read-out codes of understanding rows (a row's mean NLL over them; module docstring)
     readout_weight: float = 1.0
-    # probability that a row's read-out codes are shown instead (unmasked, unscored): its answer learns
-    # to read them, as when the sampler writes them first (SamplerConfig.fill_readout)
+    # probability that a row's read-out codes are shown instead (unmasked, unscored) and its vision slots
+    # hidden: its answer learns to read the codes, as when the sampler writes them (SamplerConfig.fill_readout)
     readout_given_prob: float = 0.0
 
     def validate(self) -> None:

@@ -150,9 +150,9 @@ class SamplerConfig:
     record_history: keep the canvas after every step in ``SampleOutput.history``.
     fill_readout: rows that read an image and hold masked read-out code slots after it
         (``mmdiff.processor``'s ``readout_codes``) get the image's codes written there first, by one
-        greedy pass (codes only; +1 NFE), and the answer is then generated seeing them -- a model
-        trained with ``image_codes.readout_given_prob`` answers from the codes it wrote.  A no-op for
-        rows without such slots.
+        greedy pass (codes only; +1 NFE); their vision slots are then hidden and the answer is
+        generated from the codes -- as a model trained with ``image_codes.readout_given_prob``
+        learned to.  A no-op for rows without such slots.
     """
 
     steps: int = 64
@@ -476,6 +476,12 @@ class Sampler:
         if text_vocab_size is not None:
             logits[..., :text_vocab_size] = NEG_INF  # codes only
         x[slots] = logits.argmax(-1)[slots]
+        rows = slots.any(-1)  # the answer now reads the codes: these rows' vision slots leave attention
+        hide = rows[:, None] & b["image_slots"]
+        if plan is not None:
+            hide = torch.cat([hide, torch.zeros_like(hide)], 0)  # guidance rows: unchanged
+        runner.attention_mask = runner.attention_mask & ~hide
+        runner.prompt_mask = runner.prompt_mask & ~hide
 
     def _layout(self, target: Tensor) -> tuple[list[tuple[int, int]], int | None]:
         """Blocks [(bs, be)] over the target window and the steps per block (schedule rule)."""
