@@ -437,6 +437,8 @@ def test_readout_codes_recipe_trains_saves_and_generates(tiny_world, tmp_path):
                 ).save_pretrained(tmp_path / "vq")
     with pytest.raises(ConfigError, match="readout_codes needs model.vq"):
         load_recipe(DEBUG, _overrides(tiny_world, tmp_path / "r0", "model.readout_codes=true"))
+    with pytest.raises(ConfigError, match="model.readout_codes is false"):
+        load_recipe(DEBUG, _overrides(tiny_world, tmp_path / "r0", "objective.image_codes.readout_given_prob=0.5"))
     over = _overrides(tiny_world, tmp_path / "r", f"model.vq={tmp_path / 'vq'}", "model.readout_codes=true",
                       "model.code_position_embedding=true", "data.task_weights={caption: 1.0, vqa: 1.0, t2i: 0.5}",
                       "train.max_steps=3", "train.batch_size=4", "train.save_every=0", "train.tensorboard=false")

@@ -155,6 +155,9 @@ class Recipe:
             raise ValueError(f"data.task_weights uses {sorted(used & UNDERSTANDING)} but model.vision is not set")
         if used & IMAGE_GEN and not self.model.vq:
             raise ValueError(f"data.task_weights uses {sorted(used & IMAGE_GEN)} but model.vq is not set")
+        if self.objective.image_codes.readout_given_prob > 0 and not self.model.readout_codes:
+            raise ValueError("objective.image_codes.readout_given_prob shows read-out codes, but model.readout_codes "
+                             "is false (the rows have none)")
         if self.model.backbone.get("shifted_logits") and self.objective.logits_are_shifted:
             raise ValueError("model.backbone.shifted_logits already realigns the logits; "
                              "objective.logits_are_shifted must then be false (it would shift twice)")
