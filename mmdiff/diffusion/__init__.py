@@ -14,6 +14,7 @@ from mmdiff.diffusion.masking import (
     condition_dropout,
     double_batch,
     ensure_min_masked,
+    readout_slots,
     region_mask,
 )
 from mmdiff.diffusion.objectives import (
@@ -41,7 +42,7 @@ from mmdiff.diffusion.schedules import (
 
 __all__ = [
     "bernoulli_mask", "complement_mask", "complementary_masks", "condition_dropout", "double_batch",
-    "ensure_min_masked", "region_mask",
+    "ensure_min_masked", "readout_slots", "region_mask",
     "AutoregressiveObjective", "ImageCodeConfig", "LossOutput", "MaskedDiffusionObjective", "Objective",
     "ObjectiveConfig", "ObjectiveSchedule", "build_objective",
     "CosineSchedule", "LinearSchedule", "MaskSchedule", "PolynomialSchedule", "ScheduleConfig",

@@ -31,6 +31,7 @@ __all__ = [
     "complement_mask",
     "complementary_masks",
     "double_batch",
+    "readout_slots",
     "region_mask",
     "condition_dropout",
 ]
@@ -82,6 +83,13 @@ def complement_mask(masked: Tensor, maskable: Tensor) -> Tensor:
 def complementary_masks(masked: Tensor, maskable: Tensor) -> Tensor:
     """(2B, L): the masks followed by their complements (order matches ``double_batch``)."""
     return torch.cat([masked & maskable, complement_mask(masked, maskable)], dim=0)
+
+
+def readout_slots(image_code_mask: Tensor, image_slots: Tensor) -> Tensor:
+    """(B, L) bool: the read-out code slots -- image-code positions of rows that also read an input
+    image (``image_slots``), i.e. that image's own codes (``mmdiff.processor``'s ``readout_codes``);
+    a text-to-image row's codes are not among them."""
+    return image_code_mask.bool() & image_slots.bool().any(-1, keepdim=True)
 
 
 def double_batch(batch: dict) -> dict:

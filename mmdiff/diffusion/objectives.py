@@ -78,6 +78,7 @@ from mmdiff.diffusion.masking import (
     condition_dropout,
     double_batch,
     ensure_min_masked,
+    readout_slots,
     region_mask,
 )
 from mmdiff.diffusion.schedules import (
@@ -459,7 +460,7 @@ class MaskedDiffusionObjective(Objective):
         readout = torch.zeros_like(target)  # (B, L) the input image's own codes: always masked, auxiliary
         slots = batch.get("image_slots")
         if slots is not None:
-            readout = image_codes & target & slots.bool().any(-1, keepdim=True)
+            readout = readout_slots(image_codes, slots) & target
             target = target & ~readout
         maskable = target.clone()
         if self.logits_are_shifted:

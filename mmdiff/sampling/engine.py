@@ -51,6 +51,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from mmdiff.diffusion.masking import readout_slots
 from mmdiff.diffusion.schedules import ScheduleConfig, make_schedule
 from mmdiff.sampling.caches import CACHES, CacheStrategy, ModelRunner, SkipUnchanged
 from mmdiff.sampling.guidance import UNCOND_BUILDERS, Guidance, GuidancePlan
@@ -465,16 +466,15 @@ class Sampler:
     def _fill_readout(runner: ModelRunner, plan, b: dict, x: Tensor, target: Tensor, mask_token_id: int,
                       text_vocab_size: int | None) -> None:
         """One uncached pass writes the greedy code at every masked read-out slot of ``x`` (in place)."""
-        slots = b["image_code_mask"] & ~target & (x == mask_token_id) & b["attention_mask"]
-        slots &= b["image_slots"].any(-1, keepdim=True)  # read-out codes follow an input image
+        slots = readout_slots(b["image_code_mask"], b["image_slots"])
+        slots &= ~target & (x == mask_token_id) & b["attention_mask"]
         if not bool(slots.any()):
             return
         ids = x if plan is None else torch.cat([x, plan.uncond.ids(x)], dim=0)
         logits, _ = runner.forward(ids)  # (R, L, V)
-        logits = logits[: x.shape[0]].double()
-        logits[..., mask_token_id] = NEG_INF
-        if text_vocab_size is not None:
-            logits[..., :text_vocab_size] = NEG_INF  # codes only
+        banned = torch.tensor([mask_token_id], device=x.device)
+        logits = restrict_vocab(logits[: x.shape[0]].double(), code_positions=slots, text_vocab_size=text_vocab_size,
+                                banned_ids=banned)  # codes only at the slots
         x[slots] = logits.argmax(-1)[slots]
         rows = slots.any(-1)  # the answer now reads the codes: these rows' vision slots leave attention
         hide = rows[:, None] & b["image_slots"]

@@ -300,15 +300,14 @@ class ExampleEncoder:
         prompt = ex.prompt
         if isinstance(prompt, list):  # conversation turns [(role, text), ...]
             prompt = "\n".join(f"{role}: {text}" for role, text in prompt)
+        image = self._code_image(ex)
+        if codes is None and image is not None:
+            codes = self._cached("codes", ex, lambda: self._codes(image))
         if ex.task in IMAGE_GEN:
-            if codes is None:
-                codes = self._cached("codes", ex, lambda: self._codes(ex.target))
             return self.processor.encode(ex.task, prompt=prompt or "", codes=codes, key=ex.key)
         pixel_values = None
         if ex.task in UNDERSTANDING:
             pixel_values = self._cached("pixels", ex, lambda: self.vision_transform(ex.image))
-            if codes is None and self._code_image(ex) is not None:
-                codes = self._cached("codes", ex, lambda: self._codes(ex.image))
         return self.processor.encode(ex.task, prompt=prompt or "", target=ex.target,
                                      pixel_values=pixel_values, codes=codes, key=ex.key)
 
