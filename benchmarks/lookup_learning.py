@@ -6,8 +6,9 @@ Each Shapes scene becomes nine symbolic cell tokens (``<red_circle_small>`` or `
 cell, in row-major order) followed by a word-level question and the answer slots, all masked: exactly
 what the unified model's VQA rows would be if the image arrived as perfectly read cells.  The quickstart
 backbone (``get_size("quickstart")``: 128 wide, 4 layers, bidirectional) trains on them with the
-trainer's optimiser settings (AdamW betas 0.9/0.95, gradient clipping at 1.0, linear warm-up then cosine
-decay to 0.1 x the learning rate, batch 16) and is scored on the ``test`` split by question type at every
+trainer's own optimiser and schedule (``build_optimizer`` / ``build_scheduler`` with ``TrainConfig``'s
+defaults: AdamW betas 0.9/0.95, gradient clipping at 1.0, linear warm-up then cosine decay to 0.1 x the
+learning rate; batch 16) and is scored on the ``test`` split by question type at every
 ``--eval-every`` steps (greedy, one pass; exact match of the answer slots).
 
 ``--describe-share p`` mixes in description batches (one task per batch, as ``data.group_by_task``):
@@ -21,7 +22,6 @@ one attribute, report another) separately from the vision tower's reading of the
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -38,6 +38,8 @@ from common import emit_json, format_table, machine_info  # noqa: E402
 
 from mmdiff.models.backbone import MDiffConfig, MDiffModel  # noqa: E402
 from mmdiff.models.sizes import get_size  # noqa: E402
+from mmdiff.training.optim import build_optimizer, build_scheduler  # noqa: E402
+from mmdiff.training.trainer import TrainConfig  # noqa: E402
 from mmdiff.world.generate import make_sample  # noqa: E402
 from mmdiff.world.spec import CELLS, WorldConfig  # noqa: E402
 
@@ -141,18 +143,9 @@ def run(args) -> dict:
     test = load_scenes("test", args.test_scenes, args.seed, args.token_variants)
     vocab = Vocab(train + test)
     model = MDiffModel(MDiffConfig(**get_size("quickstart", vocab_size=len(vocab.itos)), attention_mode="bidirectional"))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
-    warm, total = args.warmup, args.steps
-
-    def shape(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, total - warm))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, shape)
+    train_cfg = TrainConfig(lr=args.lr, warmup_steps=args.warmup, max_steps=args.steps, weight_decay=args.weight_decay)
+    opt = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, train_cfg.betas, train_cfg.eps)
+    sched = build_scheduler(opt, train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio)
     curve, vqa_steps, start = [], 0, time.perf_counter()
     for step in range(1, args.steps + 1):
         if step > args.vqa_first and rng.random() < args.describe_share:
@@ -167,7 +160,7 @@ def run(args) -> dict:
             vqa_steps += 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
         opt.step()
         sched.step()
         if step % args.eval_every == 0 or step == args.steps:
