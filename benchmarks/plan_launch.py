@@ -38,7 +38,7 @@ def _stages(out: Path, root: Path, steps: int) -> list[dict]:
     common = [o for o in s1["overrides"] if o.split("=", 1)[0] in
               ("model.vq", "model.vision.path", "data.shards", "train.batch_size", "train.seed", "data.seed")]
     model, stages = s1["model_dir"], []
-    for name, recipe, _ in UNIFIED_PLAN:
+    for name, recipe, *_ in UNIFIED_PLAN:
         run = root / name
         stages.append({"config": str(recipe), "overrides": [
             *_continue_from(model, steps, common), f"train.output_dir={run}", "train.save_every=0",

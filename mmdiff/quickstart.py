@@ -132,10 +132,13 @@ MIX_RECIPE = REPO / "train" / "configs" / "quickstart-mix.yaml"
 VQA_RECIPE = REPO / "train" / "configs" / "quickstart-vqa.yaml"
 # one code per grid cell: exact on test in its 3 minutes, a t2i row of 9 codes instead of 256 (the
 # 2x2-patch tokenizer, vq-shapes.yaml, also codes held-out pairs; BENCHMARKS.md, session 11)
-# the data-parallel stages, each from the model of the one before, run as one plan: (stage, recipe, its steps)
-UNIFIED_PLAN = [("06-unified-captions", CAPTION_RECIPE, "caption_steps"), ("07-unified-vqa", VQA_RECIPE, "vqa_steps"),
-                ("08-unified-stage2", STAGE2_RECIPE, "stage2_steps"), ("09-unified-t2i", T2I_RECIPE, "t2i_steps"),
-                ("10-unified-mix", MIX_RECIPE, "mix_steps")]
+# the data-parallel stages, each from the model of the one before, run as one plan
+# (stage, recipe, its steps, its loss curve's label in the report); the last stage's model is the result
+UNIFIED_PLAN = [("06-unified-captions", CAPTION_RECIPE, "caption_steps", "unified caption stage"),
+                ("07-unified-vqa", VQA_RECIPE, "vqa_steps", "unified VQA stage"),
+                ("08-unified-stage2", STAGE2_RECIPE, "stage2_steps", "unified stage 2"),
+                ("09-unified-t2i", T2I_RECIPE, "t2i_steps", "unified t2i stage"),
+                ("10-unified-mix", MIX_RECIPE, "mix_steps", "unified rehearsal stage")]
 VQ_CONFIG = REPO / "tokenizers" / "configs" / "vq-shapes-cells.yaml"
 VISION_CONFIG = REPO / "train" / "configs" / "vision-siglip-shapes.yaml"
 
@@ -598,11 +601,7 @@ def _stage_report(out: Path, stages: dict, ev: dict, data: dict) -> Callable[[Pa
 
         curves = {"vision tower (SigLIP)": _curve(Path(stages["04-vision-tower"]["tower_dir"]) / "loss_history.json"),
                   "unified stage 1": _curve(Path(stages["05-unified-stage1"]["history"])),
-                  "unified caption stage": _curve(Path(stages["06-unified-captions"]["history"])),
-                  "unified VQA stage": _curve(Path(stages["07-unified-vqa"]["history"])),
-                  "unified stage 2": _curve(Path(stages["08-unified-stage2"]["history"])),
-                  "unified t2i stage": _curve(Path(stages["09-unified-t2i"]["history"])),
-                  "unified rehearsal stage": _curve(Path(stages["10-unified-mix"]["history"]))}
+                  **{label: _curve(Path(stages[name]["history"])) for name, _, _, label in UNIFIED_PLAN}}
         t2i = []
         t2i_dir = Path(ev["dirs"]["test-t2i"])
         for r in read_predictions(t2i_dir / "predictions.jsonl")[:16]:
@@ -706,11 +705,11 @@ def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dic
     # data-parallel stages, each from the model of the one before: captions, stage 2, t2i only, rehearsal;
     # one launch for all four
     model_dir, plan = st1["model_dir"], []
-    for name, recipe, steps in UNIFIED_PLAN:
+    for name, recipe, steps, _ in UNIFIED_PLAN:
         plan.append((name, recipe, _continue_from(model_dir, getattr(sizes, steps), common)))
         model_dir = str(out / name / "run" / "model")
     stages.update(run_unified_plan(out, plan, sizes.processes))
-    model_dir = stages["10-unified-mix"]["model_dir"]
+    model_dir = stages[UNIFIED_PLAN[-1][0]]["model_dir"]
     stages["11-eval"] = ev = run_stage(out, "11-eval", _stage_eval(data, vq, model_dir, sizes),
                                        _eval_settings(sizes))
     stages["12-report"] = rep = run_stage(out, "12-report", _stage_report(out, dict(stages), ev, data))
