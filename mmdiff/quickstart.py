@@ -24,7 +24,9 @@ The unified stages run the same recipe files a user would, with this run's paths
 The machine has two cores and every stage runs single-threaded, so independent work runs side by
 side: stage 03 beside stages 02 and 04 in two processes (``run_parallel``), stages 06 to 10 data-parallel in two
 ``torchrun`` processes -- one launch running the five recipes as a plan (``run_unified_plan``) -- and stage 11
-as two halves of the evaluations.
+as two halves of the evaluations.  On a machine with GPUs the unified stages run one process per GPU
+(one GPU: in this process), and the evaluation halves one after the other (a forked child cannot use
+CUDA once its parent has).
 """
 
 from __future__ import annotations
@@ -102,7 +104,10 @@ class QuickstartSizes:
     eval_limit: int = 128  # caption, describe
     t2i_limit: int = 200  # test / heldout prompts for text-to-image (24 until session 14, 48 until session 17)
     recon_images: int = 500  # test images for VQ reconstruction metrics
-    processes: int = 2  # data-parallel CPU processes for unified stage 2 (one per core)
+    # data-parallel processes for the unified stages: one per core on the CPU machine; on a machine with
+    # GPUs ``run_quickstart`` makes it one per GPU (two processes cannot share one GPU under NCCL)
+    processes: int = 2
+    data_workers: int = 2  # processes writing the world's shards
     reduced_mode: bool = False
 
     @classmethod
@@ -232,6 +237,19 @@ def _write_marker(out: Path, name: str, result: dict, want: dict | None) -> dict
     return _read_marker(out, name)
 
 
+def _cuda_initialized() -> bool:
+    import torch
+
+    return torch.cuda.is_initialized()
+
+
+def unified_processes(default: int) -> int:
+    """Processes for the data-parallel unified stages: one per GPU where there are GPUs, else ``default``."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else default
+
+
 def run_parallel(out: Path, jobs: list[tuple], here: Callable[[], dict[str, dict]] | None = None) -> dict[str, dict]:
     """Run independent stages at once: the first here, each other one in a forked process.
 
@@ -246,6 +264,12 @@ def run_parallel(out: Path, jobs: list[tuple], here: Callable[[], dict[str, dict
 
     ctx = mp.get_context("fork")  # the stage functions are closures: fork needs no pickling
     jobs = [(j[0], j[1], j[2] if len(j) > 2 else None) for j in jobs]
+    if _cuda_initialized():  # a forked child cannot use CUDA once this process has: one after another here
+        _log(f"{', '.join(j[0] for j in jobs)}: CUDA is in use in this process, so one after another here")
+        results = {} if here is None else dict(here())
+        for name, fn, settings in jobs:
+            results[name] = run_stage(out, name, fn, settings)
+        return results
     if here is None:
         first, rest = jobs[0], jobs[1:]
         here = lambda: {first[0]: run_stage(out, *first)}  # noqa: E731
@@ -285,7 +309,7 @@ def _stage_data(sizes: QuickstartSizes) -> Callable[[Path], dict]:
         for split, n in tqdm(splits, desc="world splits", file=sys.stderr):
             r = write_shapes_split(d / "shapes" / split, split=split, num_samples=n, seed=sizes.seed,
                                    image_size=sizes.image_size, samples_per_shard=max(1, n // 8),
-                                   workers=sizes.processes)
+                                   workers=sizes.data_workers)
             counts[split] = r["samples"]
         digits = write_digits(d / "digits", image_size=sizes.image_size, seed=sizes.seed)
         return {"shapes": str(d / "shapes"), "digits": str(d / "digits"), "counts": counts,
@@ -677,6 +701,7 @@ def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dic
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sizes = dataclasses.replace(QuickstartSizes.reduced() if reduced else QuickstartSizes(), seed=int(seed))
+    sizes = dataclasses.replace(sizes, processes=unified_processes(sizes.processes))
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     stages: dict[str, dict] = {}

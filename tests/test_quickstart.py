@@ -163,6 +163,37 @@ def test_a_stage_made_with_other_settings_is_refused_not_reused(tmp_path):
     assert len(calls) == 1  # nothing ran, nothing lost
 
 
+def test_with_cuda_in_use_parallel_stages_run_one_after_another_here(tmp_path, monkeypatch):
+    """A forked child cannot use CUDA once its parent has: then run_parallel runs every job in this process."""
+    import os
+
+    import mmdiff.quickstart as qs
+
+    def fn(d):
+        return {"pid": os.getpid()}
+
+    forked = qs.run_parallel(tmp_path / "cpu", [("01-a", fn), ("02-b", fn)])
+    assert forked["01-a"]["pid"] == os.getpid() != forked["02-b"]["pid"]
+    monkeypatch.setattr(qs, "_cuda_initialized", lambda: True)
+    here = qs.run_parallel(tmp_path / "gpu", [("01-a", fn), ("02-b", fn)],
+                           here=lambda: {"00-first": qs.run_stage(tmp_path / "gpu", "00-first", fn)})
+    assert {k: v["pid"] for k, v in here.items()} == {"00-first": os.getpid(), "01-a": os.getpid(), "02-b": os.getpid()}
+    assert all((tmp_path / "gpu" / n / "stage.json").is_file() for n in here)
+
+
+def test_unified_stages_run_one_process_per_gpu(monkeypatch):
+    import torch
+
+    from mmdiff.quickstart import unified_processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert unified_processes(2) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for n in (1, 4):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda n=n: n)
+        assert unified_processes(2) == n
+
+
 def test_markers_hold_paths_relative_to_the_output_folder(tmp_path):
     import shutil
 
