@@ -244,10 +244,14 @@ def _cuda_initialized() -> bool:
 
 
 def unified_processes(default: int) -> int:
-    """Processes for the data-parallel unified stages: one per GPU where there are GPUs, else ``default``."""
+    """Processes for the data-parallel unified stages: one per GPU where there are GPUs, else ``default``.
+
+    ``torch.cuda.device_count`` asks NVML and leaves CUDA uninitialised; ``torch.cuda.is_available``
+    would initialise the driver, after which no forked stage could use CUDA (seen on an H200: the
+    VQ stage's child failed with "CUDA error: initialization error")."""
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else default
+    return torch.cuda.device_count() or default
 
 
 def run_parallel(out: Path, jobs: list[tuple], here: Callable[[], dict[str, dict]] | None = None) -> dict[str, dict]:
@@ -701,7 +705,6 @@ def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dic
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sizes = dataclasses.replace(QuickstartSizes.reduced() if reduced else QuickstartSizes(), seed=int(seed))
-    sizes = dataclasses.replace(sizes, processes=unified_processes(sizes.processes))
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
     stages: dict[str, dict] = {}
@@ -729,6 +732,7 @@ def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dic
                                                   {"recipe": file_digest(STAGE1_RECIPE), "overrides": s1})
     # data-parallel stages, each from the model of the one before: captions, stage 2, t2i only, rehearsal;
     # one launch for all four
+    sizes = dataclasses.replace(sizes, processes=unified_processes(sizes.processes))  # after the forked stages
     model_dir, plan = st1["model_dir"], []
     for name, recipe, steps, _ in UNIFIED_PLAN:
         plan.append((name, recipe, _continue_from(model_dir, getattr(sizes, steps), common)))
