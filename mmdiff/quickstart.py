@@ -12,18 +12,19 @@ own checkpoints (resumable).  Stage results flow into later stages through the m
     05-unified-stage1   train/configs/quickstart-stage1.yaml: projector only, tower frozen
     06-unified-captions train/configs/quickstart-captions.yaml: everything trains, on one-object captions
     07-unified-vqa      train/configs/quickstart-vqa.yaml: VQA rows only (the lookup), from 06's model
-    08-unified-stage2   train/configs/quickstart-stage2.yaml: everything, all tasks, from 07's model
-    09-unified-t2i      train/configs/quickstart-t2i.yaml: text-to-image rows only, from 08's model
-    10-unified-mix      train/configs/quickstart-mix.yaml: every task again, text-to-image kept
-    11-eval             run_eval on test (vqa, caption, describe, t2i) and heldout (t2i); VQ recon
-    12-report           write_report: summary, metrics, loss curves, t2i grid, VQA examples
+    08-unified-describe train/configs/quickstart-describe.yaml: descriptions and captions only, from 07's model
+    09-unified-stage2   train/configs/quickstart-stage2.yaml: everything, all tasks, from 08's model
+    10-unified-t2i      train/configs/quickstart-t2i.yaml: text-to-image rows only, from 09's model
+    11-unified-mix      train/configs/quickstart-mix.yaml: every task again, text-to-image kept
+    12-eval             run_eval on test (vqa, caption, describe, t2i) and heldout (t2i); VQ recon
+    13-report           write_report: summary, metrics, loss curves, t2i grid, VQA examples
 
 The unified stages run the same recipe files a user would, with this run's paths as
 ``key=value`` overrides (recorded in their markers).  All budgets live in ``QuickstartSizes``.
 
 The machine has two cores and every stage runs single-threaded, so independent work runs side by
-side: stage 03 beside stages 02 and 04 in two processes (``run_parallel``), stages 06 to 10 data-parallel in two
-``torchrun`` processes -- one launch running the five recipes as a plan (``run_unified_plan``) -- and stage 11
+side: stage 03 beside stages 02 and 04 in two processes (``run_parallel``), stages 06 to 11 data-parallel in two
+``torchrun`` processes -- one launch running the six recipes as a plan (``run_unified_plan``) -- and stage 12
 as two halves of the evaluations.  On a machine with GPUs the unified stages run one process per GPU
 (one GPU: in this process), and the evaluation halves one after the other (a forked child cannot use
 CUDA once its parent has).
@@ -85,6 +86,10 @@ class QuickstartSizes:
     # steps took the caption stage's model to VQA 0.76, the mixture's 3,000 steps to 0.60; with this stage
     # the quickstart's VQA went 0.60 -> 0.88, 1,000 steps: 0.61)
     vqa_steps: int = 3000
+    # descriptions and captions of all scenes only, after the VQA stage and before the mixture, by the same
+    # "alone first" logic: val captions 0.875 -> 0.945, descriptions 0.807 -> 0.884, VQA 0.875 -> 0.866
+    # (BENCHMARKS.md, session 21)
+    describe_steps: int = 1000
     # ~5-6 steps/s in two processes.  3,500 until session 12 (4,000: no measurable gain); 2,000 in session 13
     # (understanding paid for the text-to-image stages: VQA 0.62); 3,000 since the steps got cheaper
     # (BENCHMARKS.md, session 14)
@@ -112,7 +117,7 @@ class QuickstartSizes:
 
     @classmethod
     def reduced(cls) -> "QuickstartSizes":
-        return cls(train=400, val=50, test=100, heldout=50, stage1_steps=2, caption_steps=2, vqa_steps=2, stage2_steps=4, t2i_steps=2, mix_steps=2, batch_size=4,
+        return cls(train=400, val=50, test=100, heldout=50, stage1_steps=2, caption_steps=2, vqa_steps=2, describe_steps=2, stage2_steps=4, t2i_steps=2, mix_steps=2, batch_size=4,
                    vqa_limit=4, eval_limit=4, t2i_limit=2, recon_images=50, processes=2, reduced_mode=True)
 
 
@@ -135,15 +140,17 @@ STAGE2_RECIPE = REPO / "train" / "configs" / "quickstart-stage2.yaml"
 T2I_RECIPE = REPO / "train" / "configs" / "quickstart-t2i.yaml"
 MIX_RECIPE = REPO / "train" / "configs" / "quickstart-mix.yaml"
 VQA_RECIPE = REPO / "train" / "configs" / "quickstart-vqa.yaml"
+DESCRIBE_RECIPE = REPO / "train" / "configs" / "quickstart-describe.yaml"
 # one code per grid cell: exact on test in its 3 minutes, a t2i row of 9 codes instead of 256 (the
 # 2x2-patch tokenizer, vq-shapes.yaml, also codes held-out pairs; BENCHMARKS.md, session 11)
 # the data-parallel stages, each from the model of the one before, run as one plan
 # (stage, recipe, its steps, its loss curve's label in the report); the last stage's model is the result
 UNIFIED_PLAN = [("06-unified-captions", CAPTION_RECIPE, "caption_steps", "unified caption stage"),
                 ("07-unified-vqa", VQA_RECIPE, "vqa_steps", "unified VQA stage"),
-                ("08-unified-stage2", STAGE2_RECIPE, "stage2_steps", "unified stage 2"),
-                ("09-unified-t2i", T2I_RECIPE, "t2i_steps", "unified t2i stage"),
-                ("10-unified-mix", MIX_RECIPE, "mix_steps", "unified rehearsal stage")]
+                ("08-unified-describe", DESCRIBE_RECIPE, "describe_steps", "unified describe stage"),
+                ("09-unified-stage2", STAGE2_RECIPE, "stage2_steps", "unified stage 2"),
+                ("10-unified-t2i", T2I_RECIPE, "t2i_steps", "unified t2i stage"),
+                ("11-unified-mix", MIX_RECIPE, "mix_steps", "unified rehearsal stage")]
 VQ_CONFIG = REPO / "tokenizers" / "configs" / "vq-shapes-cells.yaml"
 VISION_CONFIG = REPO / "train" / "configs" / "vision-siglip-shapes.yaml"
 
@@ -730,8 +737,8 @@ def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dic
         s1.append("model.size=debug")
     stages["05-unified-stage1"] = st1 = run_stage(out, "05-unified-stage1", _stage_unified(STAGE1_RECIPE, s1),
                                                   {"recipe": file_digest(STAGE1_RECIPE), "overrides": s1})
-    # data-parallel stages, each from the model of the one before: captions, stage 2, t2i only, rehearsal;
-    # one launch for all four
+    # data-parallel stages, each from the model of the one before (UNIFIED_PLAN: captions, VQA, descriptions,
+    # stage 2, t2i only, rehearsal); one launch for all of them
     sizes = dataclasses.replace(sizes, processes=unified_processes(sizes.processes))  # after the forked stages
     model_dir, plan = st1["model_dir"], []
     for name, recipe, steps, _ in UNIFIED_PLAN:
@@ -739,9 +746,9 @@ def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dic
         model_dir = str(out / name / "run" / "model")
     stages.update(run_unified_plan(out, plan, sizes.processes))
     model_dir = stages[UNIFIED_PLAN[-1][0]]["model_dir"]
-    stages["11-eval"] = ev = run_stage(out, "11-eval", _stage_eval(data, vq, model_dir, sizes),
+    stages["12-eval"] = ev = run_stage(out, "12-eval", _stage_eval(data, vq, model_dir, sizes),
                                        _eval_settings(sizes))
-    stages["12-report"] = rep = run_stage(out, "12-report", _stage_report(out, dict(stages), ev, data))
+    stages["13-report"] = rep = run_stage(out, "13-report", _stage_report(out, dict(stages), ev, data))
     print(_summary_table(stages, ev["headline"]), file=sys.stderr, flush=True)
     missed = {k: (None if ev["headline"].get(k) is None else round(t - ev["headline"][k], 4))
               for k, t in TARGETS.items() if ev["headline"].get(k) is None or ev["headline"][k] < t}

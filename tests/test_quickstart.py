@@ -16,8 +16,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STAGES = ["01-data", "02-text-tokenizer", "03-vq-tokenizer", "04-vision-tower", "05-unified-stage1",
-          "06-unified-captions", "07-unified-vqa", "08-unified-stage2", "09-unified-t2i", "10-unified-mix", "11-eval",
-          "12-report"]
+          "06-unified-captions", "07-unified-vqa", "08-unified-describe", "09-unified-stage2", "10-unified-t2i",
+          "11-unified-mix", "12-eval", "13-report"]
 UNIT_METRICS = ["vqa_exact_match", "caption_attribute_accuracy", "describe_f1", "t2i_shapeseval",
                 "t2i_shapeseval_heldout", "vq_recon_shapeseval"]
 
@@ -41,26 +41,28 @@ def test_every_stage_ran_and_left_a_marker(first_run):
     # the parallel paths ran: stage 2 in two torchrun processes, the eval in two forked halves
     from mmdiff.quickstart import _read_marker
 
-    stage2 = _read_marker(out, "08-unified-stage2")  # paths in markers are relative to `out`
-    assert stage2["settings"]["processes"] == 2 and "${OUT}" in (out / "08-unified-stage2" / "stage.json").read_text()
+    stage2 = _read_marker(out, "09-unified-stage2")  # paths in markers are relative to `out`
+    assert stage2["settings"]["processes"] == 2 and "${OUT}" in (out / "09-unified-stage2" / "stage.json").read_text()
     assert stage2["processes"] == 2 and Path(stage2["model_dir"], "config.json").is_file()
-    t2i = _read_marker(out, "09-unified-t2i")  # the text-to-image stage starts from stage 2's model
+    t2i = _read_marker(out, "10-unified-t2i")  # the text-to-image stage starts from stage 2's model
     assert f"train.init_from={stage2['model_dir']}" in t2i["overrides"]
-    vqa = _read_marker(out, "07-unified-vqa")  # the VQA stage between the caption stage and stage 2
-    assert f"train.init_from={vqa['model_dir']}" in stage2["overrides"]
+    vqa = _read_marker(out, "07-unified-vqa")  # the VQA stage after the caption stage
+    describe = _read_marker(out, "08-unified-describe")  # the describe stage between the VQA stage and stage 2
+    assert f"train.init_from={vqa['model_dir']}" in describe["overrides"]
+    assert f"train.init_from={describe['model_dir']}" in stage2["overrides"]
     assert f"train.init_from={_read_marker(out, '06-unified-captions')['model_dir']}" in vqa["overrides"]
-    mix = _read_marker(out, "10-unified-mix")  # the rehearsal stage from the t2i stage's; it is the result
+    mix = _read_marker(out, "11-unified-mix")  # the rehearsal stage from the t2i stage's; it is the result
     assert f"train.init_from={t2i['model_dir']}" in mix["overrides"]
     assert result["model_dir"] == mix["model_dir"] and Path(mix["model_dir"], "config.json").is_file()
     # stages 06-10 ran as one plan in one launch: its start-up is counted once, in the first stage
     plan = json.loads((out / "06-unified-captions" / "plan.json").read_text())["stages"]
     assert [Path(s["config"]).name for s in plan] == ["quickstart-captions.yaml", "quickstart-vqa.yaml",
-                                                      "quickstart-stage2.yaml", "quickstart-t2i.yaml",
-                                                      "quickstart-mix.yaml"]
+                                                      "quickstart-describe.yaml", "quickstart-stage2.yaml",
+                                                      "quickstart-t2i.yaml", "quickstart-mix.yaml"]
     caption = _read_marker(out, "06-unified-captions")
     assert caption["launch_seconds"] > 0 and "launch_seconds" not in stage2
     assert caption["wall_seconds"] == pytest.approx(caption["train_seconds"] + caption["launch_seconds"], abs=0.02)
-    halves = [json.loads((out / "11-eval" / f"eval-part{i}" / "stage.json").read_text()) for i in (0, 1)]
+    halves = [json.loads((out / "12-eval" / f"eval-part{i}" / "stage.json").read_text()) for i in (0, 1)]
     assert sorted(sum((h["evaluated"] for h in halves), [])) == sorted(
         ["test-vqa", "test-caption", "test-describe", "test-t2i", "heldout-t2i"])
 
@@ -120,29 +122,29 @@ def test_rerun_reuses_stages_and_an_interrupted_stage_is_redone(first_run):
     from mmdiff.quickstart import run_quickstart
 
     out, result, first_seconds = first_run
-    eval_marker = out / "11-eval" / "stage.json"
+    eval_marker = out / "12-eval" / "stage.json"
     before = eval_marker.stat().st_mtime_ns
     again = run_quickstart(out, reduced=True)
     assert again["wall_seconds"] < first_seconds / 3
     assert {k: again[k] for k in UNIT_METRICS} == {k: result[k] for k in UNIT_METRICS}
     assert eval_marker.stat().st_mtime_ns == before
     # "interrupt" the last stage: only it runs again
-    (out / "12-report" / "stage.json").unlink()
+    (out / "13-report" / "stage.json").unlink()
     third = run_quickstart(out, reduced=True)
-    assert (out / "12-report" / "stage.json").is_file() and Path(third["report"]).is_file()
+    assert (out / "13-report" / "stage.json").is_file() and Path(third["report"]).is_file()
     assert eval_marker.stat().st_mtime_ns == before
     # "interrupt" the unified plan after stage 09 finished training but before the quickstart marked it:
     # the re-launched plan skips 06-09 (09 gets its marker back) and trains only 10 again
-    mix_weights = out / "10-unified-mix" / "run" / "model" / "model.safetensors"
-    t2i_weights = out / "09-unified-t2i" / "run" / "model" / "model.safetensors"
-    t2i_marker = json.loads((out / "09-unified-t2i" / "stage.json").read_text())
+    mix_weights = out / "11-unified-mix" / "run" / "model" / "model.safetensors"
+    t2i_weights = out / "10-unified-t2i" / "run" / "model" / "model.safetensors"
+    t2i_marker = json.loads((out / "10-unified-t2i" / "stage.json").read_text())
     mix_before, t2i_before = mix_weights.stat().st_mtime_ns, t2i_weights.stat().st_mtime_ns
-    for f in ["09-unified-t2i/stage.json", "10-unified-mix/stage.json", "10-unified-mix/run/stage_done.json"]:
+    for f in ["10-unified-t2i/stage.json", "11-unified-mix/stage.json", "11-unified-mix/run/stage_done.json"]:
         (out / f).unlink()
     run_quickstart(out, reduced=True)
-    assert json.loads((out / "09-unified-t2i" / "stage.json").read_text())["step"] == t2i_marker["step"]
+    assert json.loads((out / "10-unified-t2i" / "stage.json").read_text())["step"] == t2i_marker["step"]
     assert t2i_weights.stat().st_mtime_ns == t2i_before and mix_weights.stat().st_mtime_ns != mix_before
-    assert (out / "10-unified-mix" / "stage.json").is_file()
+    assert (out / "11-unified-mix" / "stage.json").is_file()
 
 
 def test_a_stage_made_with_other_settings_is_refused_not_reused(tmp_path):
@@ -229,6 +231,24 @@ def test_caption_stage_recipe_is_stage_2_on_one_object_captions():
         for key in ("max_steps", "output_dir"):
             r["train"].pop(key)
     assert cap == s2
+
+
+def test_vqa_and_describe_recipes_are_stage_2_on_their_own_tasks():
+    """The VQA and describe stages differ from stage 2 only in their task mix, steps and paths."""
+    import yaml
+
+    from mmdiff.quickstart import DESCRIBE_RECIPE, STAGE2_RECIPE, VQA_RECIPE
+
+    vqa, describe, s2 = (yaml.safe_load(p.read_text()) for p in (VQA_RECIPE, DESCRIBE_RECIPE, STAGE2_RECIPE))
+    assert {k: v for k, v in vqa["data"]["task_weights"].items() if v} == {"vqa": 1.0}
+    assert {k for k, v in describe["data"]["task_weights"].items() if v} == {"describe", "caption"}
+    for r in (vqa, describe, s2):
+        r["data"].pop("task_weights")
+        for key in ("max_steps", "output_dir", "init_from"):
+            r["train"].pop(key)
+        for key in ("size", "tokenizer"):
+            r["model"].pop(key)
+    assert vqa == s2 and describe == s2
 
 
 def test_t2i_and_rehearsal_recipes_are_stage_2_with_another_task_mix():
