@@ -260,7 +260,8 @@ def test_t2i_and_rehearsal_recipes_are_stage_2_with_another_task_mix():
 
     t2i, mix, s2 = (yaml.safe_load(p.read_text()) for p in (T2I_RECIPE, MIX_RECIPE, STAGE2_RECIPE))
     assert {k: v for k, v in t2i["data"]["task_weights"].items() if v} == {"t2i": 1.0}
-    assert mix["data"]["task_weights"]["t2i"] >= max(v for k, v in mix["data"]["task_weights"].items() if k != "t2i")
+    # the rehearsal stage holds every task the quickstart evaluates: none of them is left to be forgotten
+    assert all(mix["data"]["task_weights"][t] > 0 for t in ("caption", "vqa", "describe", "t2i"))
     assert t2i["model"].pop("code_embedding_init") == "vq" and "code_embedding_init" not in mix["model"]
     assert t2i["objective"]["image_codes"]["weighting"] == "uniform"
     for r in (t2i, mix, s2):
