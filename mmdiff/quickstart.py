@@ -109,8 +109,8 @@ class QuickstartSizes:
     eval_limit: int = 128  # caption, describe
     t2i_limit: int = 200  # test / heldout prompts for text-to-image (24 until session 14, 48 until session 17)
     recon_images: int = 500  # test images for VQ reconstruction metrics
-    # data-parallel processes for the unified stages: one per core on the CPU machine; on a machine with
-    # GPUs ``run_quickstart`` makes it one per GPU (two processes cannot share one GPU under NCCL)
+    # data-parallel processes for the unified stages: one per core on the CPU machine; a machine with GPUs
+    # runs one per GPU instead (``unified_processes``: two processes cannot share one GPU under NCCL)
     processes: int = 2
     data_workers: int = 2  # processes writing the world's shards
     reduced_mode: bool = False
@@ -739,12 +739,12 @@ def run_quickstart(out: str | Path, reduced: bool = False, seed: int = 0) -> dic
                                                   {"recipe": file_digest(STAGE1_RECIPE), "overrides": s1})
     # data-parallel stages, each from the model of the one before (UNIFIED_PLAN: captions, VQA, descriptions,
     # stage 2, t2i only, rehearsal); one launch for all of them
-    sizes = dataclasses.replace(sizes, processes=unified_processes(sizes.processes))  # after the forked stages
     model_dir, plan = st1["model_dir"], []
     for name, recipe, steps, _ in UNIFIED_PLAN:
         plan.append((name, recipe, _continue_from(model_dir, getattr(sizes, steps), common)))
         model_dir = str(out / name / "run" / "model")
-    stages.update(run_unified_plan(out, plan, sizes.processes))
+    # one process per GPU where there are GPUs; counted only now, after the forked stages
+    stages.update(run_unified_plan(out, plan, unified_processes(sizes.processes)))
     model_dir = stages[UNIFIED_PLAN[-1][0]]["model_dir"]
     stages["12-eval"] = ev = run_stage(out, "12-eval", _stage_eval(data, vq, model_dir, sizes),
                                        _eval_settings(sizes))
