@@ -73,22 +73,21 @@ def _box_features(encode, transform, shards: Path, scenes: int, image_size: int 
             break
     if not pix:
         raise ValueError(f"{shards}: no scenes with images and object records")
+    from mmdiff.training.vision_pretrain import region_weights
+
     xs, ys, small = [], [], []
     with torch.no_grad():
         for i in range(0, len(pix), 64):
-            feats = encode(torch.stack(pix[i:i + 64]))  # (B, P, D)
-            g = int(round(feats.shape[1] ** 0.5))
-            if g * g != feats.shape[1]:
-                raise ValueError(f"expected a square patch grid, got {feats.shape[1]} tokens")
-            side = image_size / g
-            edges = torch.arange(g + 1, dtype=torch.float64) * side
+            feats = encode(torch.stack(pix[i:i + 64])).double()  # (B, P, D)
+            grid = int(round(feats.shape[1] ** 0.5))
+            if grid * grid != feats.shape[1] or image_size % grid:
+                raise ValueError(f"expected a square patch grid dividing {image_size} px, got {feats.shape[1]} tokens")
             for j, scene in enumerate(objs[i:i + 64]):
                 for o in scene:
-                    x0, y0, x1, y1 = o["bbox"]
-                    ox = (torch.minimum(edges[1:], torch.tensor(float(x1))) - torch.maximum(edges[:-1], torch.tensor(float(x0)))).clamp(min=0)
-                    oy = (torch.minimum(edges[1:], torch.tensor(float(y1))) - torch.maximum(edges[:-1], torch.tensor(float(y0)))).clamp(min=0)
-                    w = (oy[:, None] * ox[None, :]).reshape(-1)
-                    xs.append((w / w.sum()) @ feats[j].double())
+                    w = region_weights(o["bbox"], image_size, image_size // grid)
+                    if w is None:
+                        continue
+                    xs.append(w.double() @ feats[j])
                     ys.append(SHAPES.index(o["shape"]))
                     small.append(o["size"] == "small")
     return torch.stack(xs), torch.tensor(ys), torch.tensor(small)
