@@ -6,8 +6,8 @@
 
     # train tower variants side by side (one process and one thread each), then probe every one
     python benchmarks/tower_shape.py sweep --data OUT/01-data/shapes --tokenizer OUT/02-text-tokenizer \
-        --out /tmp/towers --variant base= --variant rec1=train.patch_reconstruction_weight=1.0 \
-        --variant rec1_lr3=train.patch_reconstruction_weight=1.0,train.lr=3e-3 [--steps 1150] [--json]
+        --out /tmp/towers --variant committed= \
+        --variant session21=train.patch_reconstruction_weight=0,train.lr=2e-3 [--steps 1150] [--json]
 
 The probe: every object's feature is its box's overlap-weighted mean of the tower's layer -2 patch
 features (what the unified model's projector reads, before the projector); a multinomial logistic
@@ -27,7 +27,6 @@ with many cores every variant runs at the one-core speed the quickstart's tower 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import sys
 import time
